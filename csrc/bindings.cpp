@@ -1,0 +1,255 @@
+// pybind11 module fusedres._C: argument checks, GIL release, docstrings; the math is in cpu/.
+// Every check names the argument, so bad input becomes a ValueError/TypeError in Python
+// instead of an out-of-bounds access inside a kernel.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/add_relu.h"
+#include "cpu/conv1d_bn_relu.h"
+
+namespace py = pybind11;
+using fusedres::Conv1dShape;
+
+namespace {
+
+enum class DType { f32, f64 };
+
+std::string shape_str(const std::vector<int64_t>& v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+// A checked view of one numpy argument.
+struct Arg {
+  py::array arr;
+  const char* name;
+  Arg(py::array a, const char* n, bool writable) : arr(std::move(a)), name(n) {
+    if (!(arr.flags() & py::array::c_style))
+      throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (writable && !arr.writeable())
+      throw py::value_error(std::string(name) + " must be writable");
+  }
+  DType dtype() const {
+    if (arr.dtype().is(py::dtype::of<float>())) return DType::f32;
+    if (arr.dtype().is(py::dtype::of<double>())) return DType::f64;
+    throw py::type_error(std::string(name) + " must be float32 or float64, got " +
+                         std::string(py::str(arr.dtype())));
+  }
+  std::vector<int64_t> shape() const {
+    return std::vector<int64_t>(arr.shape(), arr.shape() + arr.ndim());
+  }
+  void expect(const std::vector<int64_t>& want) const {
+    if (shape() != want)
+      throw py::value_error(std::string(name) + " must have shape " + shape_str(want) +
+                            ", got " + shape_str(shape()));
+  }
+  template <typename T>
+  T* ptr() const { return static_cast<T*>(const_cast<void*>(arr.data())); }
+};
+
+std::optional<Arg> opt_arg(const std::optional<py::array>& a, const char* name, bool w) {
+  if (!a) return std::nullopt;
+  return Arg(*a, name, w);
+}
+
+template <typename T>
+T* ptr_or_null(const std::optional<Arg>& a) { return a ? a->ptr<T>() : nullptr; }
+
+void same_dtype(DType d, const std::vector<const Arg*>& args) {
+  for (const Arg* a : args)
+    if (a && a->dtype() != d)
+      throw py::type_error(std::string(a->name) + " must have the same dtype as data");
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error(msg);
+}
+
+// Checks data and weight against the conv hyper-parameters; returns the shape they imply.
+Conv1dShape conv_shape(const Arg& x, const Arg& w, int64_t stride, int64_t pad,
+                       int64_t dilation, int64_t groups) {
+  require(x.arr.ndim() == 3, "data must be 3-D (batch, channels, width), got " +
+                                 shape_str(x.shape()));
+  require(w.arr.ndim() == 3, "weight must be 3-D (out_channels, in_channels / groups, "
+                             "kernel), got " + shape_str(w.shape()));
+  require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
+  require(dilation >= 1, "dilation must be >= 1, got " + std::to_string(dilation));
+  require(pad >= 0, "pad must be >= 0, got " + std::to_string(pad));
+  require(groups >= 1, "groups must be >= 1, got " + std::to_string(groups));
+  Conv1dShape s{x.shape()[0], x.shape()[1], x.shape()[2], w.shape()[0], w.shape()[2],
+                stride, pad, dilation, groups};
+  require(s.N > 0 && s.Cin > 0 && s.L > 0, "data must have no zero-size dimension, got " +
+                                               shape_str(x.shape()));
+  require(s.Cout > 0 && s.K > 0, "weight must have no zero-size dimension, got " +
+                                     shape_str(w.shape()));
+  require(s.Cin % groups == 0, "groups (" + std::to_string(groups) +
+                                   ") must divide data's channels (" + std::to_string(s.Cin) + ")");
+  require(s.Cout % groups == 0, "groups (" + std::to_string(groups) +
+                                    ") must divide weight's out_channels (" +
+                                    std::to_string(s.Cout) + ")");
+  require(w.shape()[1] == s.Cin / groups,
+          "weight's in_channels (" + std::to_string(w.shape()[1]) +
+              ") must equal data's channels / groups (" + std::to_string(s.Cin / groups) + ")");
+  require(s.L + 2 * pad >= dilation * (s.K - 1) + 1,
+          "kernel (dilated extent " + std::to_string(dilation * (s.K - 1) + 1) +
+              ") is larger than the padded width (" + std::to_string(s.L + 2 * pad) + ")");
+  return s;
+}
+
+std::vector<int64_t> out_shape(const Conv1dShape& s) { return {s.N, s.Cout, s.Lout()}; }
+
+void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
+                   py::array beta_, py::array rmean_, py::array rvar_, py::array z_,
+                   py::array mean_, py::array invstd_, py::array y_, int64_t stride,
+                   int64_t pad, int64_t dilation, int64_t groups, double eps, double momentum,
+                   bool use_batch_stats, bool update_running) {
+  Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
+      beta(beta_, "beta", false), rmean(rmean_, "running_mean", update_running),
+      rvar(rvar_, "running_var", update_running), z(z_, "saved conv output", true),
+      mean(mean_, "saved mean", true), invstd(invstd_, "saved invstd", true), y(y_, "output", true);
+  auto bias = opt_arg(bias_, "bias", false);
+  const DType d = x.dtype();
+  same_dtype(d, {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &z, &mean, &invstd, &y});
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  for (const Arg* a : {bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &mean, &invstd})
+    if (a) a->expect({s.Cout});
+  z.expect(out_shape(s));
+  y.expect(out_shape(s));
+  require(eps > 0, "eps must be > 0");
+  const bool keep_running = update_running || !use_batch_stats;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    fusedres::conv1d_bn_relu_forward_train<T>(
+        s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias), gamma.ptr<T>(), beta.ptr<T>(),
+        keep_running ? rmean.ptr<T>() : nullptr, keep_running ? rvar.ptr<T>() : nullptr, eps,
+        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>());
+  };
+  py::gil_scoped_release release;
+  if (d == DType::f32) run(float{});
+  else run(double{});
+}
+
+void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
+                   py::array beta_, py::array rmean_, py::array rvar_, py::array y_,
+                   int64_t stride, int64_t pad, int64_t dilation, int64_t groups, double eps) {
+  Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
+      beta(beta_, "beta", false), rmean(rmean_, "running_mean", false),
+      rvar(rvar_, "running_var", false), y(y_, "output", true);
+  auto bias = opt_arg(bias_, "bias", false);
+  const DType d = x.dtype();
+  same_dtype(d, {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &y});
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  for (const Arg* a : {bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar})
+    if (a) a->expect({s.Cout});
+  y.expect(out_shape(s));
+  require(eps > 0, "eps must be > 0");
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    fusedres::conv1d_bn_relu_forward_infer<T>(s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias),
+                                              gamma.ptr<T>(), beta.ptr<T>(), rmean.ptr<T>(),
+                                              rvar.ptr<T>(), eps, y.ptr<T>());
+  };
+  py::gil_scoped_release release;
+  if (d == DType::f32) run(float{});
+  else run(double{});
+}
+
+void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array gamma_,
+              py::array beta_, py::array mean_, py::array invstd_, std::optional<py::array> dx_,
+              std::optional<py::array> dw_, std::optional<py::array> dbias_,
+              std::optional<py::array> dgamma_, std::optional<py::array> dbeta_, int64_t stride,
+              int64_t pad, int64_t dilation, int64_t groups, bool batch_stats) {
+  Arg dy(dy_, "out_grad", false), x(x_, "data", false), w(w_, "weight", false),
+      z(z_, "saved conv output", false), gamma(gamma_, "gamma", false), beta(beta_, "beta", false),
+      mean(mean_, "saved mean", false), invstd(invstd_, "saved invstd", false);
+  auto dx = opt_arg(dx_, "data_grad", true), dw = opt_arg(dw_, "weight_grad", true),
+       dbias = opt_arg(dbias_, "bias_grad", true), dgamma = opt_arg(dgamma_, "gamma_grad", true),
+       dbeta = opt_arg(dbeta_, "beta_grad", true);
+  const DType d = x.dtype();
+  auto p = [](std::optional<Arg>& a) -> Arg* { return a ? &*a : nullptr; };
+  same_dtype(d, {&dy, &w, &z, &gamma, &beta, &mean, &invstd, p(dx), p(dw), p(dbias), p(dgamma),
+                 p(dbeta)});
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  dy.expect(out_shape(s));
+  z.expect(out_shape(s));
+  for (const Arg* a : {&gamma, &beta, &mean, &invstd, p(dbias), p(dgamma), p(dbeta)})
+    if (a) a->expect({s.Cout});
+  if (dx) dx->expect(x.shape());
+  if (dw) dw->expect(w.shape());
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    fusedres::conv1d_bn_relu_backward<T>(
+        s, batch_stats, dy.ptr<T>(), x.ptr<T>(), w.ptr<T>(), z.ptr<T>(), gamma.ptr<T>(),
+        beta.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), ptr_or_null<T>(dx), ptr_or_null<T>(dw),
+        ptr_or_null<T>(dbias), ptr_or_null<T>(dgamma), ptr_or_null<T>(dbeta));
+  };
+  py::gil_scoped_release release;
+  if (d == DType::f32) run(float{});
+  else run(double{});
+}
+
+void add_relu_fwd(py::array a_, py::array b_, py::array y_) {
+  Arg a(a_, "lhs", false), b(b_, "rhs", false), y(y_, "output", true);
+  const DType d = a.dtype();
+  same_dtype(d, {&b, &y});
+  require(a.shape() == b.shape(), "lhs and rhs must have the same shape, got " +
+                                      shape_str(a.shape()) + " and " + shape_str(b.shape()));
+  y.expect(a.shape());
+  const int64_t n = a.arr.size();
+  py::gil_scoped_release release;
+  if (d == DType::f32) fusedres::add_relu_forward<float>(n, a.ptr<float>(), b.ptr<float>(), y.ptr<float>());
+  else fusedres::add_relu_forward<double>(n, a.ptr<double>(), b.ptr<double>(), y.ptr<double>());
+}
+
+void add_relu_bwd(py::array dy_, py::array y_, std::optional<py::array> da_,
+                  std::optional<py::array> db_) {
+  Arg dy(dy_, "out_grad", false), y(y_, "output", false);
+  auto da = opt_arg(da_, "lhs_grad", true), db = opt_arg(db_, "rhs_grad", true);
+  const DType d = y.dtype();
+  same_dtype(d, {&dy, da ? &*da : nullptr, db ? &*db : nullptr});
+  dy.expect(y.shape());
+  if (da) da->expect(y.shape());
+  if (db) db->expect(y.shape());
+  const int64_t n = y.arr.size();
+  py::gil_scoped_release release;
+  if (d == DType::f32)
+    fusedres::add_relu_backward<float>(n, dy.ptr<float>(), y.ptr<float>(), ptr_or_null<float>(da),
+                                       ptr_or_null<float>(db));
+  else
+    fusedres::add_relu_backward<double>(n, dy.ptr<double>(), y.ptr<double>(),
+                                        ptr_or_null<double>(da), ptr_or_null<double>(db));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedres CPU kernels (float32, float64; NCW contiguous arrays, written in place)";
+  m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
+        py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"),
+        py::arg("out"), py::arg("stride"), py::arg("pad"), py::arg("dilation"),
+        py::arg("groups"), py::arg("eps"), py::arg("momentum"), py::arg("use_batch_stats"),
+        py::arg("update_running"),
+        "Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward.");
+  m.def("conv1d_bn_relu_forward_infer", &forward_infer, py::arg("data"), py::arg("weight"),
+        py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("out"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("groups"), py::arg("eps"),
+        "Conv1d+BN+ReLU inference with BN folded into the conv.");
+  m.def("conv1d_bn_relu_backward", &backward, py::arg("out_grad"), py::arg("data"),
+        py::arg("weight"), py::arg("z"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
+        py::arg("invstd"), py::arg("data_grad"), py::arg("weight_grad"), py::arg("bias_grad"),
+        py::arg("gamma_grad"), py::arg("beta_grad"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("groups"), py::arg("batch_stats"),
+        "Conv1d+BN+ReLU backward; a None gradient is not computed.");
+  m.def("add_relu_forward", &add_relu_fwd, py::arg("lhs"), py::arg("rhs"), py::arg("out"),
+        "out = max(lhs + rhs, 0)");
+  m.def("add_relu_backward", &add_relu_bwd, py::arg("out_grad"), py::arg("out"),
+        py::arg("lhs_grad"), py::arg("rhs_grad"), "lhs_grad = rhs_grad = out_grad * (out > 0)");
+}

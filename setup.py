@@ -1,0 +1,32 @@
+"""Thin shim: builds the CMake project into fusedres/_C; all build logic is in CMakeLists.txt."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["cmake", "-S", str(ROOT), "-B", str(build_dir),
+             f"-DPython_EXECUTABLE={sys.executable}",
+             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}"],
+            check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel",
+                        str(os.cpu_count() or 1)], check=True)
+
+
+setup(ext_modules=[CMakeExtension("fusedres._C")], cmdclass={"build_ext": CMakeBuild})
