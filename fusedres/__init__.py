@@ -1,0 +1,19 @@
+"""fusedres: fused conv1d+batchnorm+relu and add+relu for MXNet Gluon, on CPU and CUDA.
+
+``import fusedres`` registers the CustomOps ``fusedres_conv1d_bn_relu`` and
+``fusedres_add_relu``; ``fusedres.nn`` holds the Gluon blocks built on them.
+"""
+__version__ = "0.1.0"
+
+try:
+    import mxnet  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "fusedres needs MXNet 1.9.1. Install the CPU build with `pip install fusedres[cpu]` "
+        "(mxnet==1.9.1) or a GPU build with `pip install fusedres[gpu]` (mxnet-cu112==1.9.1); "
+        "MXNet 1.9.1 needs numpy<1.24.") from err
+
+from . import nn, ops  # noqa: E402
+from .ops import add_relu, conv1d_bn_relu  # noqa: E402
+
+__all__ = ["nn", "ops", "conv1d_bn_relu", "add_relu", "__version__"]

@@ -1,0 +1,155 @@
+"""Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu) and AddReLU."""
+from mxnet.gluon import HybridBlock
+
+from .. import ops
+from ..ops import translate_errors
+
+
+def _single(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise ValueError(f"{name} must be an int or a 1-tuple for a 1-D conv, got {value}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+class _TranslatingBlock(HybridBlock):
+    """Re-raises validation errors hidden by MXNet's CustomOp callbacks with their message."""
+
+    def forward(self, *args):
+        with translate_errors():
+            return super().forward(*args)
+
+
+class ConvBNReLU1D(_TranslatingBlock):
+    r"""Fused ``Conv1D -> BatchNorm -> Activation('relu')`` over NCW data.
+
+    Computes exactly what ``nn.Conv1D(channels, kernel_size, ...)`` followed by
+    ``nn.BatchNorm(momentum, epsilon)`` and ``nn.Activation('relu')`` compute, in one op, with
+    the same parameters under the same names, shapes and initializers, so trained parameters
+    of the stock blocks load into it.
+
+    Parameters
+    ----------
+    channels : int
+        Number of output channels.
+    kernel_size : int or tuple of one int
+    strides : int or tuple of one int, default 1
+    padding : int or tuple of one int, default 0
+        Zero padding on both sides.
+    dilation : int or tuple of one int, default 1
+    groups : int, default 1
+        Grouped convolution: channels and in_channels must both be divisible by it.
+    use_bias : bool, default True
+        Whether the convolution has a bias (redundant before BatchNorm, but stock Conv1D has
+        one by default, and keeping it lets stock parameters load unchanged).
+    momentum : float, default 0.9
+        Running statistics: ``running = momentum * running + (1 - momentum) * batch``.
+    epsilon : float, default 1e-5
+    use_global_stats : bool, default False
+        Normalize with the running statistics in training too.
+    in_channels : int, default 0
+        Input channels; 0 means infer from the first input.
+    weight_initializer, bias_initializer, gamma_initializer, beta_initializer,
+    running_mean_initializer, running_variance_initializer
+        As in ``nn.Conv1D`` and ``nn.BatchNorm``.
+
+    Inputs:
+        - **data**: (batch_size, in_channels, width), float32 or float64 (float16 on GPU).
+
+    Outputs:
+        - **out**: (batch_size, channels, out_width), with
+          ``out_width = floor((width + 2 * padding - dilation * (kernel_size - 1) - 1)
+          / strides) + 1``.
+    """
+
+    def __init__(self, channels, kernel_size, strides=1, padding=0, dilation=1, groups=1,
+                 use_bias=True, momentum=0.9, epsilon=1e-5, use_global_stats=False,
+                 in_channels=0, layout="NCW", weight_initializer=None,
+                 bias_initializer="zeros", gamma_initializer="ones", beta_initializer="zeros",
+                 running_mean_initializer="zeros", running_variance_initializer="ones",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if layout != "NCW":
+            raise ValueError(f"layout must be 'NCW', got {layout!r}")
+        self._channels = _single(channels, "channels")
+        self._kernel = _single(kernel_size, "kernel_size")
+        self._stride = _single(strides, "strides")
+        self._pad = _single(padding, "padding")
+        self._dilate = _single(dilation, "dilation")
+        self._groups = _single(groups, "groups")
+        self._in_channels = _single(in_channels, "in_channels")
+        for name, value, low in (("channels", self._channels, 1), ("kernel_size", self._kernel, 1),
+                                 ("strides", self._stride, 1), ("padding", self._pad, 0),
+                                 ("dilation", self._dilate, 1), ("groups", self._groups, 1),
+                                 ("in_channels", self._in_channels, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self._channels % self._groups:
+            raise ValueError(f"groups ({self._groups}) must divide channels ({self._channels})")
+        if self._in_channels % self._groups:
+            raise ValueError(
+                f"groups ({self._groups}) must divide in_channels ({self._in_channels})")
+        self._use_bias = bool(use_bias)
+        self._momentum, self._epsilon = float(momentum), float(epsilon)
+        self._use_global_stats = bool(use_global_stats)
+        c = self._channels
+        with self.name_scope():
+            self.weight = self.params.get(
+                "weight", shape=(c, self._in_channels // self._groups, self._kernel),
+                init=weight_initializer, allow_deferred_init=True)
+            self.bias = (self.params.get("bias", shape=(c,), init=bias_initializer,
+                                         allow_deferred_init=True) if self._use_bias else None)
+            self.gamma = self.params.get("gamma", shape=(c,), init=gamma_initializer,
+                                         allow_deferred_init=True)
+            self.beta = self.params.get("beta", shape=(c,), init=beta_initializer,
+                                        allow_deferred_init=True)
+            self.running_mean = self.params.get(
+                "running_mean", grad_req="null", shape=(c,), init=running_mean_initializer,
+                allow_deferred_init=True, differentiable=False)
+            self.running_var = self.params.get(
+                "running_var", grad_req="null", shape=(c,), init=running_variance_initializer,
+                allow_deferred_init=True, differentiable=False)
+
+    def hybrid_forward(self, F, x, weight, gamma, beta, running_mean, running_var, bias=None):
+        return ops.conv1d_bn_relu(
+            x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,
+            num_filter=self._channels, stride=self._stride, pad=self._pad,
+            dilate=self._dilate, num_group=self._groups, eps=self._epsilon,
+            momentum=self._momentum, use_global_stats=self._use_global_stats, name="fwd", F=F)
+
+    def __repr__(self):
+        in_ch = self.weight.shape[1] * self._groups if self.weight.shape[1] else None
+        s = (f"{self.__class__.__name__}({in_ch if in_ch else 'None'} -> {self._channels}, "
+             f"kernel_size=({self._kernel},), stride=({self._stride},)")
+        if self._pad:
+            s += f", padding=({self._pad},)"
+        if self._dilate != 1:
+            s += f", dilation=({self._dilate},)"
+        if self._groups != 1:
+            s += f", groups={self._groups}"
+        if not self._use_bias:
+            s += ", bias=False"
+        s += f", momentum={self._momentum}, eps={self._epsilon}"
+        if self._use_global_stats:
+            s += ", use_global_stats=True"
+        return s + ")"
+
+
+class AddReLU(_TranslatingBlock):
+    """Fused ``relu(lhs + rhs)``: the residual join. Both inputs must have the same shape.
+
+    Inputs:
+        - **lhs**, **rhs**: arrays of the same shape and dtype.
+
+    Outputs:
+        - **out**: ``max(lhs + rhs, 0)``.
+    """
+
+    def hybrid_forward(self, F, lhs, rhs):
+        return ops.add_relu(lhs, rhs, name="fwd", F=F)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}()"

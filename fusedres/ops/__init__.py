@@ -1,0 +1,56 @@
+"""The fused ops as MXNet CustomOps, and their functional forms for NDArrays and Symbols.
+
+Importing this package registers ``fusedres_conv1d_bn_relu`` and ``fusedres_add_relu``.
+"""
+import mxnet as mx
+
+from . import add_relu as _add_relu_op
+from . import conv1d_bn_relu as _conv_op
+from ._common import translate_errors
+
+CONV1D_BN_RELU = _conv_op.OP_NAME
+ADD_RELU = _add_relu_op.OP_NAME
+
+
+def _namespace(x):
+    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
+
+
+def _invoke(F, *args, **kwargs):
+    if F is mx.sym:
+        return F.Custom(*args, **kwargs)
+    with translate_errors():
+        return F.Custom(*args, **kwargs)
+
+
+def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
+                   num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
+                   use_global_stats=False, name=None, F=None):
+    """relu(BatchNorm(Convolution(data))) fused, for NDArrays or Symbols.
+
+    Mirrors ``Convolution(kernel=(k,), ...)`` followed by ``BatchNorm(fix_gamma=False, ...)``
+    and ``relu``. ``bias=None`` means no conv bias. With autograd in training mode (or a
+    Symbol executor with ``is_train=True``) the batch statistics normalize and the running
+    statistics are updated in place; otherwise the running statistics are used.
+    """
+    F = F or _namespace(data)
+    args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
+                                                               running_var]
+    kw = dict(op_type=CONV1D_BN_RELU, kernel=kernel, num_filter=num_filter, stride=stride,
+              pad=pad, dilate=dilate, num_group=num_group, no_bias=bias is None, eps=eps,
+              momentum=momentum, use_global_stats=use_global_stats)
+    if name is not None:
+        kw["name"] = name
+    return _invoke(F, *args, **kw)
+
+
+def add_relu(lhs, rhs, name=None, F=None):
+    """relu(lhs + rhs) fused, for NDArrays or Symbols of the same shape."""
+    F = F or _namespace(lhs)
+    kw = dict(op_type=ADD_RELU)
+    if name is not None:
+        kw["name"] = name
+    return _invoke(F, lhs, rhs, **kw)
+
+
+__all__ = ["conv1d_bn_relu", "add_relu", "CONV1D_BN_RELU", "ADD_RELU", "translate_errors"]

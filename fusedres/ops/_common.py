@@ -1,0 +1,177 @@
+"""What both op families share: argument parsing, error reporting, device backends, req."""
+import ast
+import ctypes
+import threading
+from contextlib import contextmanager
+
+import mxnet as mx
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+GPU_DTYPES = (np.float32, np.float16)
+
+_last_error = threading.local()
+
+
+def record_error(exc):
+    """Remember a validation error raised inside an MXNet callback on this thread.
+
+    MXNet swallows exceptions raised in CustomOpProp callbacks and raises a bare MXNetError
+    ("Check failed: ...") instead; the ops record the real error here so the Python-facing
+    entry points can re-raise it with its message (see ``translate_errors``).
+    """
+    _last_error.exc = exc
+    return exc
+
+
+@contextmanager
+def translate_errors():
+    """Turn the MXNetError of a failed fusedres callback back into the error it hid."""
+    _last_error.exc = None
+    try:
+        yield
+    except (mx.base.MXNetError, ValueError) as err:
+        # Gluon's deferred init re-raises the MXNetError as a ValueError.
+        hidden, _last_error.exc = getattr(_last_error, "exc", None), None
+        if hidden is not None and hidden is not err:
+            raise hidden from err
+        raise
+
+
+def parse_bool(value):
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("true", "1")
+
+
+def parse_int(value, name, minimum):
+    try:
+        parsed = ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(parsed, (tuple, list)):
+        if len(parsed) != 1:
+            raise record_error(ValueError(f"{name} must be a single int or a 1-tuple, got {value}"))
+        parsed = parsed[0]
+    if isinstance(parsed, bool) or not isinstance(parsed, (int, np.integer)):
+        raise record_error(TypeError(f"{name} must be an int, got {value!r}"))
+    if parsed < minimum:
+        raise record_error(ValueError(f"{name} must be >= {minimum}, got {parsed}"))
+    return int(parsed)
+
+
+def parse_float(value, name):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise record_error(TypeError(f"{name} must be a number, got {value!r}")) from None
+
+
+def mx_dtype(type_id):
+    """numpy dtype of an MXNet type id, as create_operator receives them."""
+    return np.dtype(mx.ndarray.ndarray._DTYPE_MX_TO_NP[type_id])
+
+
+def check_dtypes(names, dtypes, allowed=FLOAT_DTYPES):
+    """All tensors share the data's floating dtype; returns that numpy type.
+
+    An unknown dtype (None) takes the data's; the data's own may come from another argument.
+    """
+    known = [(n, np.dtype(t)) for n, t in zip(names, dtypes) if t is not None]
+    if not known:
+        return np.float32
+    name0, first = known[0]
+    if first.type not in allowed:
+        kinds = " or ".join(np.dtype(t).name for t in allowed)
+        raise record_error(TypeError(f"{name0} must be {kinds}, got {first.name}"))
+    for name, dt in known[1:]:
+        if dt != first:
+            raise record_error(TypeError(
+                f"{name} must have the same dtype as {name0} ({first.name}), got {dt.name}"))
+    return first.type
+
+
+def _mx_data_pointer(arr):
+    ptr = ctypes.c_void_p()
+    mx.base.check_call(mx.base._LIB.MXNDArrayGetData(arr.handle, ctypes.byref(ptr)))
+    return ptr.value
+
+
+def numpy_view(arr):
+    """Zero-copy, writable numpy view of a dense CPU NDArray.
+
+    Safe inside a CustomOp callback: MXNet has finished the inputs before calling it and
+    waits for the callback before anyone reads the outputs.
+    """
+    dtype = np.dtype(arr.dtype)
+    count = int(np.prod(arr.shape))
+    buf = (ctypes.c_char * (count * dtype.itemsize)).from_address(_mx_data_pointer(arr))
+    return np.frombuffer(buf, dtype=dtype).reshape(arr.shape)
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def __init__(self):
+        from .. import _C
+        self.kernels = _C
+
+    view = staticmethod(numpy_view)
+    empty = staticmethod(np.empty)
+
+    def finish(self):
+        pass
+
+
+class GPUBackend:
+    """CUDA kernels through CuPy (fusedres.cuda); MXNet memory is shared through DLPack."""
+    name = "gpu"
+
+    def __init__(self, device_id):
+        from .. import cuda
+        ok, why = cuda.available()
+        if not ok:
+            raise record_error(ValueError(
+                f"data is on gpu({device_id}) but fusedres's CUDA kernels are unavailable: {why}"))
+        import cupy
+        self.kernels, self._cupy, self.device_id = cuda, cupy, device_id
+        self.view = cuda.from_mxnet
+
+    def empty(self, shape, dtype):
+        with self._cupy.cuda.Device(self.device_id):
+            return self._cupy.empty(shape, dtype=dtype)
+
+    def finish(self):
+        # MXNet 1.9.1 has no stream handshake for CustomOps: finish our work before MXNet
+        # reads the outputs.
+        with self._cupy.cuda.Device(self.device_id):
+            self._cupy.cuda.get_current_stream().synchronize()
+
+
+def backend_for(ctx):
+    if ctx.device_type == "cpu" or ctx.device_type == "cpu_pinned":
+        return CPUBackend()
+    if ctx.device_type == "gpu":
+        return GPUBackend(ctx.device_id)
+    raise record_error(ValueError(f"data is on an unsupported device {ctx}"))
+
+
+class Target:
+    """Where one kernel output goes, honouring MXNet's req.
+
+    ``write``/``inplace``: the kernel writes straight into the NDArray's memory.
+    ``add``: the kernel writes a scratch buffer that is then added in place.
+    ``null``: the output is not wanted; ``buf`` is None and the kernel skips it.
+    """
+
+    def __init__(self, backend, req, arr):
+        self.req = req
+        self.dst = None if req == "null" else backend.view(arr)
+        if req == "add":
+            self.buf = backend.empty(arr.shape, self.dst.dtype)
+        else:
+            self.buf = self.dst
+
+    def commit(self):
+        if self.req == "add":
+            self.dst += self.buf

@@ -1,0 +1,66 @@
+"""CustomOp ``fusedres_add_relu``: relu(lhs + rhs) in one pass, for residual joins."""
+import mxnet as mx
+import numpy as np
+
+from ._common import Target, mx_dtype, backend_for, check_dtypes, record_error
+
+OP_NAME = "fusedres_add_relu"
+
+
+class AddReLU(mx.operator.CustomOp):
+    def __init__(self, ctx):
+        super().__init__()
+        self.backend = backend_for(ctx)
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        be = self.backend
+        out = Target(be, req[0], out_data[0])
+        if out.req == "null":
+            return
+        be.kernels.add_relu_forward(be.view(in_data[0]), be.view(in_data[1]), out.buf)
+        out.commit()
+        be.finish()
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        be = self.backend
+        da, db = Target(be, req[0], in_grad[0]), Target(be, req[1], in_grad[1])
+        be.kernels.add_relu_backward(be.view(out_grad[0]), be.view(out_data[0]), da.buf, db.buf)
+        da.commit()
+        db.commit()
+        be.finish()
+
+
+@mx.operator.register(OP_NAME)
+class AddReLUProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def list_arguments(self):
+        return ["lhs", "rhs"]
+
+    def list_outputs(self):
+        return ["output"]
+
+    def infer_shape(self, in_shape):
+        lhs, rhs = list(in_shape[0]), list(in_shape[1])
+        if lhs and rhs and lhs != rhs:
+            raise record_error(ValueError(
+                f"rhs must have the same shape as lhs {tuple(lhs)}, got {tuple(rhs)} "
+                "(add_relu does not broadcast)"))
+        shape = lhs or rhs
+        if shape and min(shape) <= 0:
+            raise record_error(ValueError(
+                f"lhs must have no zero-size dimension, got shape {tuple(shape)}"))
+        return [shape, shape], [shape], []
+
+    def infer_type(self, in_type):
+        dt = check_dtypes(["lhs", "rhs"], in_type, allowed=(np.float32, np.float64, np.float16))
+        return [dt, dt], [dt], []
+
+    def declare_backward_dependency(self, out_grad, in_data, out_data):
+        return [out_grad[0], out_data[0]]
+
+    def create_operator(self, ctx, in_shapes, in_dtypes):
+        if ctx.device_type != "gpu" and mx_dtype(in_dtypes[0]) == np.float16:
+            raise record_error(TypeError("lhs must be float32 or float64 on the CPU, got float16"))
+        return AddReLU(ctx)
