@@ -38,6 +38,14 @@ def translate_errors():
         raise
 
 
+def check_no_zero_size(name, shape):
+    # Under numpy shape semantics 0 is a real (empty) dimension; in legacy mode it means
+    # "unknown" and MXNet itself refuses to create such an array.
+    if mx.util.is_np_shape() and 0 in shape:
+        raise record_error(ValueError(
+            f"{name} must have no zero-size dimension, got shape {tuple(shape)}"))
+
+
 def parse_bool(value):
     if isinstance(value, bool):
         return value

@@ -2,7 +2,8 @@
 import mxnet as mx
 import numpy as np
 
-from ._common import Target, mx_dtype, backend_for, check_dtypes, record_error
+from ._common import (Target, backend_for, check_dtypes, check_no_zero_size, mx_dtype,
+                      record_error)
 
 OP_NAME = "fusedres_add_relu"
 
@@ -43,14 +44,13 @@ class AddReLUProp(mx.operator.CustomOpProp):
 
     def infer_shape(self, in_shape):
         lhs, rhs = list(in_shape[0]), list(in_shape[1])
+        check_no_zero_size("lhs", lhs)
+        check_no_zero_size("rhs", rhs)
         if lhs and rhs and lhs != rhs:
             raise record_error(ValueError(
                 f"rhs must have the same shape as lhs {tuple(lhs)}, got {tuple(rhs)} "
                 "(add_relu does not broadcast)"))
         shape = lhs or rhs
-        if shape and min(shape) <= 0:
-            raise record_error(ValueError(
-                f"lhs must have no zero-size dimension, got shape {tuple(shape)}"))
         return [shape, shape], [shape], []
 
     def infer_type(self, in_type):

@@ -8,8 +8,8 @@ num_filter, num_group, no_bias, eps, momentum, use_global_stats).
 import mxnet as mx
 import numpy as np
 
-from ._common import (Target, mx_dtype, backend_for, check_dtypes, parse_bool, parse_float, parse_int,
-                      record_error)
+from ._common import (Target, backend_for, check_dtypes, check_no_zero_size, mx_dtype,
+                      parse_bool, parse_float, parse_int, record_error)
 
 OP_NAME = "fusedres_conv1d_bn_relu"
 
@@ -129,6 +129,7 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
 
     def infer_shape(self, in_shape):
         data = list(in_shape[0])
+        check_no_zero_size("data", data)
         if not _known(data):
             # Nothing to infer from yet (partial inference): leave every shape unknown.
             return (list(in_shape), [[]], [[], []])
