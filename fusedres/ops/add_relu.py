@@ -58,7 +58,10 @@ class AddReLUProp(mx.operator.CustomOpProp):
         return [dt, dt], [dt], []
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
-        return [out_grad[0], out_data[0]]
+        # Only out_grad and the output are read; the inputs are declared because MXNet 1.9.1
+        # passes every array to backward and cannot wrap undeclared ones in hybridized graphs
+        # (see conv1d_bn_relu.py).
+        return [out_grad[0]] + list(in_data) + [out_data[0]]
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
         if ctx.device_type != "gpu" and mx_dtype(in_dtypes[0]) == np.float16:

@@ -167,8 +167,11 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
         return [dt] * len(names), [dt], [dt, dt]
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
-        # Output is not needed: the forward keeps the pre-normalization conv output.
-        return [out_grad[0]] + list(in_data)
+        # The kernel needs out_grad and the inputs (the forward keeps the conv output), but
+        # MXNet 1.9.1 hands backward every array; in a hybridized graph an undeclared one
+        # arrives as an empty handle (storage type -1) that operator.py cannot wrap, and
+        # backward fails. So the output is declared too: it only stays alive a little longer.
+        return [out_grad[0]] + list(in_data) + list(out_data)
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
         dt = mx_dtype(in_dtypes[0])
