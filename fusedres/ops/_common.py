@@ -59,12 +59,12 @@ def parse_int(value, name, minimum):
         parsed = value
     if isinstance(parsed, (tuple, list)):
         if len(parsed) != 1:
-            raise record_error(ValueError(f"{name} must be a single int or a 1-tuple, got {value}"))
+            raise ValueError(f"{name} must be a single int or a 1-tuple, got {value}")
         parsed = parsed[0]
     if isinstance(parsed, bool) or not isinstance(parsed, (int, np.integer)):
-        raise record_error(TypeError(f"{name} must be an int, got {value!r}"))
+        raise TypeError(f"{name} must be an int, got {value!r}")
     if parsed < minimum:
-        raise record_error(ValueError(f"{name} must be >= {minimum}, got {parsed}"))
+        raise ValueError(f"{name} must be >= {minimum}, got {parsed}")
     return int(parsed)
 
 
@@ -72,7 +72,7 @@ def parse_float(value, name):
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise record_error(TypeError(f"{name} must be a number, got {value!r}")) from None
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
 
 
 def mx_dtype(type_id):

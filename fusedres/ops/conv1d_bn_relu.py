@@ -102,21 +102,31 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
     def __init__(self, num_filter, kernel, stride="1", pad="0", dilate="1", num_group="1",
                  no_bias="False", eps="1e-5", momentum="0.9", use_global_stats="False"):
         super().__init__(need_top_grad=True)
-        self.num_filter = parse_int(num_filter, "num_filter", 1)
-        self.kernel = parse_int(kernel, "kernel", 1)
-        self.stride = parse_int(stride, "stride", 1)
-        self.pad = parse_int(pad, "pad", 0)
-        self.dilate = parse_int(dilate, "dilate", 1)
-        self.num_group = parse_int(num_group, "num_group", 1)
         self.no_bias = parse_bool(no_bias)
-        self.eps = parse_float(eps, "eps")
-        self.momentum = parse_float(momentum, "momentum")
         self.use_global_stats = parse_bool(use_global_stats)
-        if self.eps <= 0:
-            raise record_error(ValueError(f"eps must be > 0, got {self.eps}"))
-        if self.num_filter % self.num_group:
-            raise record_error(ValueError(
-                f"num_group ({self.num_group}) must divide num_filter ({self.num_filter})"))
+        # An exception raised here would escape MXNet's creator callback and crash the
+        # process, so a bad hyper-parameter is kept and raised from infer_shape instead.
+        self.error = None
+        try:
+            self.num_filter = parse_int(num_filter, "num_filter", 1)
+            self.kernel = parse_int(kernel, "kernel", 1)
+            self.stride = parse_int(stride, "stride", 1)
+            self.pad = parse_int(pad, "pad", 0)
+            self.dilate = parse_int(dilate, "dilate", 1)
+            self.num_group = parse_int(num_group, "num_group", 1)
+            self.eps = parse_float(eps, "eps")
+            self.momentum = parse_float(momentum, "momentum")
+            if self.eps <= 0:
+                raise ValueError(f"eps must be > 0, got {self.eps}")
+            if self.num_filter % self.num_group:
+                raise ValueError(
+                    f"num_group ({self.num_group}) must divide num_filter ({self.num_filter})")
+        except (ValueError, TypeError) as err:
+            self.error = err
+
+    def _raise_if_invalid(self):
+        if self.error is not None:
+            raise record_error(self.error)
 
     def list_arguments(self):
         return ["data", "weight"] + ([] if self.no_bias else ["bias"]) + ["gamma", "beta"]
@@ -128,6 +138,7 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
         return ["running_mean", "running_var"]
 
     def infer_shape(self, in_shape):
+        self._raise_if_invalid()
         data = list(in_shape[0])
         check_no_zero_size("data", data)
         if not _known(data):
@@ -162,6 +173,7 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
         return ([data, weight] + [channel] * n_channel_args, [out], [channel, channel])
 
     def infer_type(self, in_type):
+        self._raise_if_invalid()
         names = self.list_arguments()
         dt = check_dtypes(names, in_type, allowed=(np.float32, np.float64, np.float16))
         return [dt] * len(names), [dt], [dt, dt]
@@ -174,6 +186,7 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
         return [out_grad[0]] + list(in_data) + list(out_data)
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
+        self._raise_if_invalid()
         dt = mx_dtype(in_dtypes[0])
         if ctx.device_type != "gpu" and dt == np.float16:
             raise record_error(TypeError(
