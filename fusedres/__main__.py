@@ -1,0 +1,102 @@
+"""``python -m fusedres``: what is available here, is it right, and is it faster."""
+import os
+import platform
+import sys
+
+import mxnet as mx
+import numpy as np
+
+from . import __version__, benchmarks, cuda, reference
+from . import conv1d_bn_relu, add_relu
+
+
+def environment():
+    feats = mx.runtime.Features()
+    print(f"fusedres {__version__} | Python {platform.python_version()} | "
+          f"MXNet {mx.__version__} (MKLDNN {'on' if feats.is_enabled('MKLDNN') else 'off'}, "
+          f"CUDA {'on' if feats.is_enabled('CUDA') else 'off'}) | numpy {np.__version__}")
+    from . import _C
+    print(f"CPU kernels:  fusedres._C loaded from {os.path.basename(_C.__file__)}; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores")
+    ok, why = cuda.available()
+    print(f"CUDA kernels: {'available: ' if ok else 'not available: '}{why}")
+
+
+def _rel_err(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0))
+
+
+def correctness():
+    """Each fused op against the numpy reference, on random inputs, with autograd."""
+    rng = np.random.default_rng(0)
+    print("\nCorrectness against the numpy reference (max error / max |reference|):")
+    print(f"  {'op':<16}{'shape':<22}{'dtype':<9}{'forward':>10}{'backward':>10}")
+    worst = 0.0
+    for dtype, tol in ((np.float64, 1e-9), (np.float32, 2e-4)):
+        for n, c, w, k, stride, pad in ((4, 7, 97, 3, 1, 1), (8, 64, 256, 3, 2, 1)):
+            x = rng.standard_normal((n, c, w))
+            wt = rng.standard_normal((c, c, k)) / np.sqrt(c * k)
+            vec = [rng.standard_normal(c), rng.uniform(0.5, 1.5, c), rng.standard_normal(c),
+                   np.zeros(c), np.ones(c)]
+            y_ref, cache, _, _ = reference.conv1d_bn_relu_forward(
+                x, wt, vec[0], vec[1], vec[2], vec[3], vec[4], stride, pad)
+            dy = rng.standard_normal(y_ref.shape) * (np.abs(cache["pre"]) > 1e-3)
+            g_ref = reference.conv1d_bn_relu_backward(dy, cache)
+            arrs = [mx.nd.array(a, dtype=dtype) for a in [x, wt] + vec]
+            for a in arrs[:5]:
+                a.attach_grad()
+            with mx.autograd.record():
+                y = conv1d_bn_relu(*arrs, kernel=k, num_filter=c, stride=stride, pad=pad)
+            y.backward(mx.nd.array(dy, dtype=dtype))
+            fe = _rel_err(y.asnumpy(), y_ref)
+            be = max(_rel_err(a.grad.asnumpy(), g_ref[name]) for a, name in
+                     zip(arrs[:5], ["data", "weight", "bias", "gamma", "beta"]))
+            worst = max(worst, fe / tol, be / tol)
+            print(f"  {'conv1d_bn_relu':<16}{str((n, c, w)) + f' k{k} s{stride}':<22}"
+                  f"{np.dtype(dtype).name:<9}{fe:>10.1e}{be:>10.1e}")
+        a, b = rng.standard_normal((3, 5, 1025)), rng.standard_normal((3, 5, 1025))
+        xa, xb = mx.nd.array(a, dtype=dtype), mx.nd.array(b, dtype=dtype)
+        xa.attach_grad()
+        with mx.autograd.record():
+            y = add_relu(xa, xb)
+        y.backward()
+        fe = _rel_err(y.asnumpy(), reference.add_relu_forward(a, b))
+        be = _rel_err(xa.grad.asnumpy(), (a + b > 0).astype(float))
+        worst = max(worst, fe / tol, be / tol)
+        print(f"  {'add_relu':<16}{str((3, 5, 1025)):<22}{np.dtype(dtype).name:<9}"
+              f"{fe:>10.1e}{be:>10.1e}")
+    print(f"  {'PASS' if worst <= 1 else 'FAIL'}: worst error is {worst:.2g} x the tolerance")
+    return worst <= 1
+
+
+def timing(names):
+    print("\nfused vs stock Gluon, float32, median ms (interleaved runs; lower is better)")
+    print("  training step = forward+backward; stock training uses the Conv2D(1,k) workaround "
+          "(1-D Conv1D+BatchNorm crashes in backward)")
+    print(f"  {'shape':<36}{'mode':<7}{'fused':>9}{'stock':>9}{'speed-up':>10}{'GFLOP/s':>9}")
+    for shape in benchmarks.SHAPES:
+        if shape.name not in names:
+            continue
+        for mode in ("train", "infer"):
+            reps = 20 if shape.conv_gflop < 0.5 else 8
+            med = benchmarks.interleaved_medians(benchmarks.conv_contenders(shape, mode), reps)
+            flop = shape.conv_gflop * (3 if mode == "train" else 1)
+            desc = (f"{shape.name} {(shape.n, shape.c, shape.width)} k{shape.kernel}"
+                    f"{f' s{shape.stride}' if shape.stride > 1 else ''}")
+            print(f"  {desc:<36}{mode:<7}{med['fused'] * 1e3:>9.2f}{med['stock'] * 1e3:>9.2f}"
+                  f"{med['stock'] / med['fused']:>9.2f}x{flop / med['fused']:>9.1f}")
+    med = benchmarks.interleaved_medians(benchmarks.add_relu_contenders(), 30)
+    print(f"  {'add_relu (2, 1024, 1024)':<36}{'fwd':<7}{med['fused'] * 1e3:>9.2f}"
+          f"{med['stock'] * 1e3:>9.2f}{med['stock'] / med['fused']:>9.2f}x")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    environment()
+    ok = correctness()
+    timing(argv or ["tiny", "pointwise-k1", "reference"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
