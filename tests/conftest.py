@@ -6,6 +6,9 @@ import pytest
 # float32 results are judged against the float64 reference of the same (float32) inputs.
 TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 2e-4, np.dtype(np.float16): 1e-2}
 
+# MXNet keeps BatchNorm's momentum as a C float; the ops round it the same way.
+MOMENTUM = float(np.float32(0.9))
+
 # (N, C_in, W, C_out, kernel, stride, pad, dilation, groups, bias): odd sizes on purpose.
 CONV_CASES = [
     pytest.param((2, 7, 97, 7, 3, 1, 1, 1, 1, True), id="c7-w97"),

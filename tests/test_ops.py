@@ -3,7 +3,7 @@ running statistics, req write/add/null, numeric gradients in float64."""
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import CONV_CASES, TOL, assert_close, away_from_kink, conv_inputs
+from conftest import CONV_CASES, MOMENTUM, TOL, assert_close, away_from_kink, conv_inputs
 from mxnet import autograd
 from mxnet.test_utils import check_numeric_gradient
 
@@ -19,7 +19,7 @@ def _reference(inp, conv, training=True, use_global_stats=False, seed=1):
     y, cache, rm, rv = R.conv1d_bn_relu_forward(
         f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"],
         f64["running_mean"], f64["running_var"], conv["stride"], conv["pad"], conv["dilate"],
-        conv["num_group"], 1e-5, 0.9, training=training, use_global_stats=use_global_stats)
+        conv["num_group"], 1e-5, MOMENTUM, training=training, use_global_stats=use_global_stats)
     dy = np.random.default_rng(seed).standard_normal(y.shape)
     dy = away_from_kink(dy, cache["pre"])
     grads = R.conv1d_bn_relu_backward(dy, cache)
@@ -64,14 +64,13 @@ def _stock(arrs, conv, dy, use_global_stats=False):
     return y
 
 
-def _assert_step(arrs, y, ref_y, grads, rm, rv, dtype, stats_dtype=None):
+def _assert_step(arrs, y, ref_y, grads, rm, rv, dtype):
     assert_close(y.asnumpy(), ref_y, dtype, "output")
     for k in GRAD_NAMES:
         if arrs[k] is not None:
             assert_close(arrs[k].grad.asnumpy(), grads[k], dtype, f"{k} gradient")
-    stats_dtype = stats_dtype or dtype
-    assert_close(arrs["running_mean"].asnumpy(), rm, stats_dtype, "running_mean")
-    assert_close(arrs["running_var"].asnumpy(), rv, stats_dtype, "running_var")
+    assert_close(arrs["running_mean"].asnumpy(), rm, dtype, "running_mean")
+    assert_close(arrs["running_var"].asnumpy(), rv, dtype, "running_var")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,9 +84,7 @@ def test_training_step_matches_reference_and_stock(case, dtype):
 
     stock = _nd(inp)
     ys = _stock(stock, conv, dy)
-    # MXNet's BatchNorm keeps momentum as a float32 parameter (0.9f), so its running
-    # statistics agree with the reference only to float32 precision even in float64.
-    _assert_step(stock, ys, ref_y, grads, rm, rv, dtype, stats_dtype=np.float32)
+    _assert_step(stock, ys, ref_y, grads, rm, rv, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -79,7 +79,9 @@ class Conv1dBNReLU(mx.operator.CustomOp):
         x, w, bias, gamma, beta = self._inputs(in_data)
         if self.saved is None:
             # Backward after an inference-mode forward (recorded with train_mode=False):
-            # gradients are taken at the running statistics, which that forward used.
+            # gradients are those of the function that forward computed, i.e. at the running
+            # statistics. (Stock BatchNorm, given backward(train_mode=True) here, mixes the
+            # batch-statistics formula with running statistics; we do not copy that.)
             scratch = be.empty(out_grad[0].shape, x.dtype)
             self._forward_train(x, w, bias, gamma, beta, be.view(aux[0]), be.view(aux[1]),
                                 scratch, batch_stats=False)
@@ -115,7 +117,9 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
             self.dilate = parse_int(dilate, "dilate", 1)
             self.num_group = parse_int(num_group, "num_group", 1)
             self.eps = parse_float(eps, "eps")
-            self.momentum = parse_float(momentum, "momentum")
+            # MXNet's BatchNorm holds momentum as a C float (0.9 -> 0.8999999762); rounding
+            # the same way makes the running statistics match the stock blocks bit for bit.
+            self.momentum = float(np.float32(parse_float(momentum, "momentum")))
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0, got {self.eps}")
             if self.num_filter % self.num_group:
