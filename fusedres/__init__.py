@@ -14,6 +14,8 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
         "MXNet 1.9.1 needs numpy<1.24.") from err
 
 from . import nn, ops  # noqa: E402
+from .fuse import FuseReport, fuse, load_unfused_parameters  # noqa: E402
 from .ops import add_relu, conv1d_bn_relu  # noqa: E402
 
-__all__ = ["nn", "ops", "conv1d_bn_relu", "add_relu", "__version__"]
+__all__ = ["nn", "ops", "conv1d_bn_relu", "add_relu", "fuse", "FuseReport",
+           "load_unfused_parameters", "__version__"]

@@ -1,0 +1,283 @@
+"""``fuse(net)``: make an existing Gluon model use the fused ops, keeping its parameters.
+
+Each ``Conv1D -> BatchNorm -> relu`` run becomes one ``ConvBNReLU1D`` holding the very values
+(weights, running statistics, grad_req, dtype, context) of the blocks it replaces. Runs are
+found in ``Sequential``/``HybridSequential`` containers by position, and among the children of
+custom Blocks by tracing one forward pass (``sample=``), since their ``forward`` code is not
+visible. What was fused and what was left, and why, comes back as a ``FuseReport``.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import mxnet as mx
+from mxnet.gluon import Block, HybridBlock, nn
+
+from .nn import ConvBNReLU1D
+
+_PARAM_MAP_ATTR = "_fusedres_param_map"
+
+
+@dataclass
+class FuseReport:
+    fused: list = field(default_factory=list)  # (path, description)
+    left: list = field(default_factory=list)   # (path, reason)
+
+    def __str__(self):
+        lines = [f"fused {len(self.fused)} Conv1D->BatchNorm->relu run(s)"]
+        lines += [f"  {path}: {what}" for path, what in self.fused]
+        if self.left:
+            lines.append(f"left {len(self.left)} unchanged")
+            lines += [f"  {path}: {why}" for path, why in self.left]
+        return "\n".join(lines)
+
+
+class _Identity(HybridBlock):
+    """Stands where a fused BatchNorm or activation was called from custom forward code."""
+
+    def hybrid_forward(self, F, x):
+        return x
+
+    def __repr__(self):
+        return "Identity(fused into the preceding ConvBNReLU1D)"
+
+
+def _is_relu(block):
+    if isinstance(block, nn.Activation):
+        return block._act_type == "relu"
+    if isinstance(block, nn.LeakyReLU):
+        return block._alpha == 0
+    return False
+
+
+def _why_not(conv, bn, act):
+    """None when conv -> bn -> act (act may be None if bn applies relu itself) can be fused,
+    else the reason."""
+    if not isinstance(conv, nn.Conv1D):
+        return "not a Conv1D"
+    if conv._kwargs["layout"] != "NCW":
+        return f"Conv1D layout {conv._kwargs['layout']} (only NCW is fused)"
+    if conv.act is not None:
+        return "Conv1D has its own activation, applied before the BatchNorm"
+    if not isinstance(bn, nn.BatchNorm):
+        return "Conv1D is not followed by a BatchNorm"
+    if bn._kwargs["axis"] != 1:
+        return f"BatchNorm axis={bn._kwargs['axis']} (the channel axis of NCW is 1)"
+    if bn._kwargs["fix_gamma"]:
+        return "BatchNorm(scale=False) fixes gamma to 1; not supported by the fused op"
+    if act is None and not bn.fuse_relu:
+        return "BatchNorm is not followed by a relu block"
+    if act is not None and not _is_relu(act):
+        return f"BatchNorm is followed by {act!r}, not relu"
+    return None
+
+
+def _copy_param(src, dst):
+    dst.grad_req = src.grad_req
+    if src._data is not None:
+        dst.shape = src.shape
+        dst.cast(src.dtype)
+        dst.initialize(ctx=src.list_ctx(), force_reinit=True)
+        dst.set_data(src.data(src.list_ctx()[0]))
+    elif src._deferred_init:
+        init, ctx, default_init, _ = src._deferred_init
+        dst.cast(src.dtype)
+        dst.initialize(init=init, ctx=ctx, default_init=default_init)
+
+
+def _fused_from(conv, bn, origin):
+    k = conv._kwargs
+    fused = ConvBNReLU1D(
+        conv._channels, k["kernel"], strides=k["stride"], padding=k["pad"],
+        dilation=k["dilate"], groups=k["num_group"], use_bias=not k["no_bias"],
+        momentum=bn._kwargs["momentum"], epsilon=bn._kwargs["eps"],
+        use_global_stats=bn._kwargs["use_global_stats"], in_channels=conv._in_channels,
+        prefix=conv.prefix)
+    pairs = [(conv.weight, fused.weight), (bn.gamma, fused.gamma), (bn.beta, fused.beta),
+             (bn.running_mean, fused.running_mean), (bn.running_var, fused.running_var)]
+    if conv.bias is not None:
+        pairs.append((conv.bias, fused.bias))
+    for src, dst in pairs:
+        _copy_param(src, dst)
+        origin[id(dst)] = src
+    return fused
+
+
+def _describe(conv, act):
+    k = conv._kwargs
+    return (f"{conv.name} -> BatchNorm -> {'relu' if act is None else act.name} "
+            f"({conv._channels} channels, kernel {k['kernel'][0]}) as ConvBNReLU1D")
+
+
+def _fuse_sequential(seq, path, report, origin, calls):
+    items = list(seq._children.items())
+    out, i = [], 0
+    while i < len(items):
+        _, child = items[i]
+        nxt = [c for _, c in items[i + 1:i + 3]]
+        bn = nxt[0] if nxt else None
+        act = nxt[1] if len(nxt) > 1 and _is_relu(nxt[1]) else None
+        if isinstance(child, nn.Conv1D):
+            why = _why_not(child, bn, act)
+            if why is None:
+                report.fused.append((f"{path}{i}", _describe(child, act)))
+                out.append(_fused_from(child, bn, origin))
+                i += 3 if act is not None else 2
+                continue
+            report.left.append((f"{path}{i}", why))
+        _fuse_tree(child, f"{path}{i}.", report, origin, calls)
+        out.append(child)
+        i += 1
+    # Renumber like Sequential.add does, so that net[i] and later add() stay consistent.
+    seq._children = OrderedDict((str(j), c) for j, c in enumerate(out))
+
+
+def _trace(net, sample):
+    """Calls of each leaf block in one forward pass: block -> (inputs, output)."""
+    calls, handles = {}, []
+
+    def hook(block, inputs, output):
+        calls.setdefault(id(block), []).append((list(inputs), output))
+
+    def leaves(block):
+        if not block._children:
+            yield block
+        for c in block._children.values():
+            yield from leaves(c)
+
+    hybrid = [(b, b._active) for b in _walk(net) if isinstance(b, HybridBlock)]
+    for b, _ in hybrid:
+        b._active = False  # hooks on children fire only when run imperatively
+    try:
+        for leaf in leaves(net):
+            handles.append(leaf.register_forward_hook(hook))
+        with mx.autograd.predict_mode():
+            net(sample)
+    finally:
+        for h in handles:
+            h.detach()
+        for b, active in hybrid:
+            b._active = active
+    return calls
+
+
+def _walk(block):
+    yield block
+    for c in block._children.values():
+        yield from _walk(c)
+
+
+def _fuse_custom(block, path, report, origin, calls):
+    """Among a custom Block's children: a conv whose only consumer is a BatchNorm whose only
+    consumer is a relu block, each called once, becomes the fused block; the other two become
+    identities, so the unchanged forward code computes the fused result."""
+    children = list(block._children.items())
+    if calls is None:
+        for name, child in children:
+            if isinstance(child, nn.Conv1D):
+                report.left.append((f"{path}{name}", "inside a custom Block: pass sample= to "
+                                    "fuse() so that its forward can be traced"))
+        return
+    consumers = {}
+    for bid, lst in calls.items():
+        for inputs, _ in lst:
+            for x in inputs:
+                consumers.setdefault(id(x), []).append(bid)
+
+    def only_consumer(blk):
+        lst = calls.get(id(blk), [])
+        if len(lst) != 1:
+            return None
+        users = consumers.get(id(lst[0][1]), [])
+        return users[0] if len(users) == 1 else None
+
+    by_id = {id(c): (n, c) for n, c in children}
+    for name, conv in children:
+        if not isinstance(conv, nn.Conv1D):
+            continue
+        bn_entry = by_id.get(only_consumer(conv))
+        bn = bn_entry[1] if bn_entry else None
+        act_entry = by_id.get(only_consumer(bn)) if bn is not None else None
+        act = act_entry[1] if act_entry and _is_relu(act_entry[1]) else None
+        why = _why_not(conv, bn, act)
+        if why is None and act is None and only_consumer(bn) is not None:
+            why = "BatchNorm(fuse_relu=True) output feeds another block"
+        if why is not None:
+            report.left.append((f"{path}{name}", why + " (as traced)"))
+            continue
+        report.fused.append((f"{path}{name}", _describe(conv, act)))
+        _set_child(block, name, _fused_from(conv, bn, origin))
+        _set_child(block, bn_entry[0], _Identity(prefix=bn.prefix))
+        if act is not None:
+            _set_child(block, act_entry[0], _Identity(prefix=act.prefix))
+
+
+def _set_child(block, name, child):
+    # Block.__setattr__ refuses to change an attribute's type, so set both places directly.
+    block._children[name] = child
+    object.__setattr__(block, name, child)
+
+
+def _fuse_tree(block, path, report, origin, calls):
+    if isinstance(block, (nn.Sequential, nn.HybridSequential)):
+        _fuse_sequential(block, path, report, origin, calls)
+        return
+    for name, child in list(block._children.items()):
+        _fuse_tree(child, f"{path}{name}.", report, origin, calls)
+    if type(block) not in (Block, HybridBlock) and block._children:
+        _fuse_custom(block, path, report, origin, calls)
+
+
+def fuse(net, sample=None):
+    """Replace every fusable ``Conv1D -> BatchNorm -> relu`` run in ``net`` in place.
+
+    Parameters
+    ----------
+    net : Block
+        A Gluon model; its parameters (initialized or deferred) carry over to the fused blocks.
+    sample : NDArray, optional
+        One input batch. Needed to fuse runs called from a custom Block's ``forward``: one
+        inference-mode forward pass is traced to see which block feeds which. Runs inside
+        ``Sequential``/``HybridSequential`` need no sample.
+
+    Returns
+    -------
+    FuseReport
+        What was fused and what was left unchanged, with the reason.
+
+    Create the ``gluon.Trainer`` after calling ``fuse`` (it holds the parameters it was given).
+    ``load_unfused_parameters(net, path)`` then loads ``.params`` files saved from the stock model.
+    """
+    report, origin = FuseReport(), {}
+    before = {id(p): name for name, p in net._collect_params_with_prefix().items()}
+    calls = _trace(net, sample) if sample is not None else None
+    _fuse_tree(net, "", report, origin, calls)
+    for b in _walk(net):
+        if isinstance(b, HybridBlock):
+            b._clear_cached_op()
+    old_map = getattr(net, _PARAM_MAP_ATTR, {})
+    new_map = {}
+    for name, p in net._collect_params_with_prefix().items():
+        src = origin.get(id(p), p)
+        old = before[id(src)]
+        new_map[name] = old_map.get(old, old)
+    object.__setattr__(net, _PARAM_MAP_ATTR, new_map)
+    return report
+
+
+def load_unfused_parameters(net, path, ctx=None, allow_missing=False, ignore_extra=False):
+    """Load a ``.params`` file saved (``save_parameters``) from the stock model into a model
+    that ``fuse`` has changed, mapping each fused parameter to its original name."""
+    mapping = getattr(net, _PARAM_MAP_ATTR, None)
+    if mapping is None:
+        raise ValueError("net has not been through fusedres.fuse(); use net.load_parameters")
+    loaded = mx.nd.load(path)
+    params = net._collect_params_with_prefix()
+    missing = [n for n in params if mapping[n] not in loaded]
+    if missing and not allow_missing:
+        raise ValueError(f"{path} has no value for {', '.join(mapping[n] for n in missing)}")
+    extra = set(loaded) - {mapping[n] for n in params}
+    if extra and not ignore_extra:
+        raise ValueError(f"{path} has parameters the model lacks: {', '.join(sorted(extra))}")
+    for name, p in params.items():
+        if mapping[name] in loaded:
+            p._load_init(loaded[mapping[name]], ctx or mx.cpu(), cast_dtype=False)

@@ -1,0 +1,165 @@
+"""fusedres.fuse(net): stock models keep their outputs, gradients and running statistics."""
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import assert_close
+from mxnet import autograd, gluon
+from mxnet.gluon import nn
+
+import fusedres
+from fusedres.nn import ConvBNReLU1D
+
+# Channel counts off multiples of 8: the stock model must train too, to be compared with.
+
+
+def _stock_sequential():
+    net = nn.HybridSequential()
+    net.add(nn.Conv1D(6, 3, padding=1), nn.BatchNorm(), nn.Activation("relu"),
+            nn.Conv1D(7, 5, strides=2, padding=2, use_bias=False), nn.BatchNorm(),
+            nn.LeakyReLU(0),
+            nn.Conv1D(5, 3, activation="relu"), nn.BatchNorm(),  # relu before BN: left alone
+            nn.Flatten(), nn.Dense(3))  # GlobalAvgPool1D after BatchNorm crashes stock MXNet too
+    return net
+
+
+class _SeedCNN1D(gluon.Block):
+    """The seed question's CNN1D, with its Conv1D/BatchNorm/Activation attributes."""
+
+    def __init__(self, channels, kernel, padding=0, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv = nn.Conv1D(channels=channels, kernel_size=kernel, padding=padding)
+            self.bn = nn.BatchNorm()
+            self.ramp = nn.Activation(activation="relu")
+
+    def forward(self, x):
+        return self.ramp(self.bn(self.conv(x)))
+
+
+class _Res(gluon.HybridBlock):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv = nn.Conv1D(5, 3, padding=1)
+            self.bn = nn.BatchNorm()
+            self.act = nn.Activation("relu")
+            self.conv2 = nn.Conv1D(5, 3, padding=1)
+            self.bn2 = nn.BatchNorm()   # output joins the skip before relu: not fusable
+
+    def hybrid_forward(self, F, x):
+        y = self.bn2(self.conv2(self.act(self.bn(self.conv(x)))))
+        return F.relu(y + x)
+
+
+def _randomize(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for p in net.collect_params().values():
+        if p.name.endswith(("running_var", "gamma")):
+            p.set_data(mx.nd.array(rng.uniform(0.5, 1.5, p.shape)))
+        else:
+            p.set_data(mx.nd.array(rng.standard_normal(p.shape) * 0.3))
+
+
+def _step(net, x):
+    with autograd.record():
+        y = net(x)
+    y.backward(mx.nd.ones_like(y))
+    grads = {n: p.grad().asnumpy() for n, p in net._collect_params_with_prefix().items()
+             if p.grad_req != "null"}
+    stats = {n: p.data().asnumpy() for n, p in net._collect_params_with_prefix().items()
+             if p.grad_req == "null"}
+    return y.asnumpy(), grads, stats, net(x).asnumpy()
+
+
+def _compare(net_stock, net_fused, x, param_map):
+    ys, gs, ss, inf_s = _step(net_stock, x)
+    yf, gf, sf, inf_f = _step(net_fused, x)
+    assert_close(yf, ys, np.float32, "training output")
+    assert_close(inf_f, inf_s, np.float32, "inference output")
+    assert {param_map[n] for n in gf} == set(gs)
+    for n, g in gf.items():
+        assert_close(g, gs[param_map[n]], np.float32, f"gradient {n}")
+    for n, s in sf.items():
+        assert_close(s, ss[param_map[n]], np.float32, f"running statistic {n}")
+
+
+def _clone(make, x):
+    a, b = make(), make()
+    for net in (a, b):
+        net.initialize()
+        net(x)
+    _randomize(a)
+    b.load_dict = None
+    for (_, pa), (_, pb) in zip(sorted(a._collect_params_with_prefix().items()),
+                                sorted(b._collect_params_with_prefix().items())):
+        pb.set_data(pa.data())
+    return a, b
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_fuse_sequential_matches_stock(hybridize):
+    x = mx.nd.random.normal(shape=(4, 3, 21))
+    stock, fused = _clone(_stock_sequential, x)
+    if hybridize:
+        stock.hybridize()
+        fused.hybridize()
+        fused(x)  # a cached graph exists before fusing; fuse() must drop it
+    report = fusedres.fuse(fused)
+    assert len(report.fused) == 2 and isinstance(fused[0], ConvBNReLU1D)
+    assert isinstance(fused[1], ConvBNReLU1D) and len(fused) == 6
+    assert any("own activation" in why for _, why in report.left), str(report)
+    _compare(stock, fused, x, fused._fusedres_param_map)
+
+
+def test_fuse_custom_blocks_with_sample():
+    x = mx.nd.random.normal(shape=(2, 5, 17))
+
+    def make():
+        net = nn.Sequential()
+        net.add(_SeedCNN1D(5, 3, padding=1), _Res())
+        return net
+
+    stock, fused = _clone(make, x)
+    report = fusedres.fuse(fused, sample=x)
+    assert [p for p, _ in report.fused] == ["0.conv", "1.conv"], str(report)
+    assert any(p == "1.conv2" and "not followed by a relu" in why for p, why in report.left)
+    assert isinstance(fused[0].conv, ConvBNReLU1D)
+    _compare(stock, fused, x, fused._fusedres_param_map)
+
+
+def test_fuse_without_sample_reports_custom_blocks():
+    net = _SeedCNN1D(5, 3)
+    net.initialize()
+    report = fusedres.fuse(net)
+    assert not report.fused and "pass sample=" in str(report)
+
+
+def test_load_unfused_parameters(tmp_path):
+    x = mx.nd.random.normal(shape=(4, 3, 21))
+    stock = _stock_sequential()
+    stock.initialize()
+    stock(x)
+    _randomize(stock, seed=3)
+    stock.save_parameters(str(tmp_path / "stock.params"))
+    fused = _stock_sequential()
+    fused.initialize()
+    fused(x)
+    fusedres.fuse(fused)
+    fusedres.load_unfused_parameters(fused, str(tmp_path / "stock.params"))
+    assert_close(fused(x).asnumpy(), stock(x).asnumpy(), np.float32, "after loading")
+    with pytest.raises(ValueError, match="has not been through fusedres.fuse"):
+        fusedres.load_unfused_parameters(stock, str(tmp_path / "stock.params"))
+
+
+def test_fuse_deferred_parameters_then_train():
+    net = nn.HybridSequential()
+    net.add(nn.Conv1D(8, 3, padding=1), nn.BatchNorm(), nn.Activation("relu"))
+    net.initialize()
+    report = fusedres.fuse(net)
+    assert len(report.fused) == 1
+    x = mx.nd.random.normal(shape=(2, 4, 9))
+    with autograd.record():
+        y = net(x)
+    y.backward()
+    assert net[0].weight.shape == (8, 4, 3)
+    assert net[0].weight.grad().abs().sum().asscalar() > 0
