@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h) CMakeLists.txt setup.py \
-                pyproject.toml
+BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) \
+                CMakeLists.txt setup.py pyproject.toml requirements-cuda-build.txt
 
 .PHONY: setup demo test bench clean
 
 $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[cpu,test,bench]"
+	$(PIP) install -q -e ".[cpu,test,bench]" -r requirements-cuda-build.txt
+	# CUDA kernels to cubins for sm_70..sm_90 with NVRTC 11.8 from PyPI: no GPU or nvcc needed.
+	$(PY) tools/build_cubins.py
 	touch $@
 
 setup: $(VENV)/.installed

@@ -2,7 +2,7 @@
 import ast
 import ctypes
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import mxnet as mx
 import numpy as np
@@ -125,10 +125,12 @@ class CPUBackend:
         self.kernels = _C
 
     view = staticmethod(numpy_view)
+    view_out = staticmethod(numpy_view)
     empty = staticmethod(np.empty)
 
-    def finish(self):
-        pass
+    @staticmethod
+    def scope():
+        return nullcontext()
 
 
 class GPUBackend:
@@ -142,18 +144,23 @@ class GPUBackend:
             raise record_error(ValueError(
                 f"data is on gpu({device_id}) but fusedres's CUDA kernels are unavailable: {why}"))
         import cupy
-        self.kernels, self._cupy, self.device_id = cuda, cupy, device_id
-        self.view = cuda.from_mxnet
+        self.kernels, self._cupy, self.ctx = cuda, cupy, mx.gpu(device_id)
+
+    def view(self, arr):
+        return self.kernels.from_mxnet(arr)
+
+    def view_out(self, arr):
+        return self.kernels.from_mxnet(arr, writable=True)
 
     def empty(self, shape, dtype):
-        with self._cupy.cuda.Device(self.device_id):
+        with self._cupy.cuda.Device(self.ctx.device_id):
             return self._cupy.empty(shape, dtype=dtype)
 
-    def finish(self):
-        # MXNet 1.9.1 has no stream handshake for CustomOps: finish our work before MXNet
-        # reads the outputs.
-        with self._cupy.cuda.Device(self.device_id):
-            self._cupy.cuda.get_current_stream().synchronize()
+    def scope(self):
+        # Kernels run on CuPy's current stream; MXNet 1.9.1 has no stream handshake for
+        # CustomOps, so the scope synchronizes that stream before the callback returns and
+        # MXNet reads the outputs.
+        return self.kernels.mxnet_scope(self.ctx)
 
 
 def backend_for(ctx):
@@ -174,7 +181,7 @@ class Target:
 
     def __init__(self, backend, req, arr):
         self.req = req
-        self.dst = None if req == "null" else backend.view(arr)
+        self.dst = None if req == "null" else backend.view_out(arr)
         if req == "add":
             self.buf = backend.empty(arr.shape, self.dst.dtype)
         else:

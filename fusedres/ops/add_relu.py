@@ -18,17 +18,18 @@ class AddReLU(mx.operator.CustomOp):
         out = Target(be, req[0], out_data[0])
         if out.req == "null":
             return
-        be.kernels.add_relu_forward(be.view(in_data[0]), be.view(in_data[1]), out.buf)
-        out.commit()
-        be.finish()
+        with be.scope():
+            be.kernels.add_relu_forward(be.view(in_data[0]), be.view(in_data[1]), out.buf)
+            out.commit()
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         be = self.backend
-        da, db = Target(be, req[0], in_grad[0]), Target(be, req[1], in_grad[1])
-        be.kernels.add_relu_backward(be.view(out_grad[0]), be.view(out_data[0]), da.buf, db.buf)
-        da.commit()
-        db.commit()
-        be.finish()
+        with be.scope():
+            da, db = Target(be, req[0], in_grad[0]), Target(be, req[1], in_grad[1])
+            be.kernels.add_relu_backward(be.view(out_grad[0]), be.view(out_data[0]), da.buf,
+                                         db.buf)
+            da.commit()
+            db.commit()
 
 
 @mx.operator.register(OP_NAME)

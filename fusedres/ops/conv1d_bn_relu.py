@@ -57,9 +57,13 @@ class Conv1dBNReLU(mx.operator.CustomOp):
         self.saved = (z, mean, invstd, batch_stats)
 
     def forward(self, is_train, req, in_data, out_data, aux):
+        with self.backend.scope():
+            self._forward(is_train, req, in_data, out_data, aux)
+
+    def _forward(self, is_train, req, in_data, out_data, aux):
         be, p = self.backend, self.p
         x, w, bias, gamma, beta = self._inputs(in_data)
-        rm, rv = be.view(aux[0]), be.view(aux[1])
+        rm, rv = be.view_out(aux[0]), be.view_out(aux[1])
         out = Target(be, req[0], out_data[0])
         if out.req == "null":
             return
@@ -72,9 +76,12 @@ class Conv1dBNReLU(mx.operator.CustomOp):
             be.kernels.conv1d_bn_relu_forward_infer(x, w, bias, gamma, beta, rm, rv, out.buf,
                                                     eps=p.eps, **self._conv_args())
         out.commit()
-        be.finish()
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        with self.backend.scope():
+            self._backward(req, out_grad, in_data, in_grad, aux)
+
+    def _backward(self, req, out_grad, in_data, in_grad, aux):
         be, p = self.backend, self.p
         x, w, bias, gamma, beta = self._inputs(in_data)
         if self.saved is None:
@@ -95,7 +102,6 @@ class Conv1dBNReLU(mx.operator.CustomOp):
             batch_stats=batch_stats, **self._conv_args())
         for t in targets.values():
             t.commit()
-        be.finish()
         self.saved = None
 
 
