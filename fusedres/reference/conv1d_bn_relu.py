@@ -51,8 +51,8 @@ def conv1d_backward(dz, x, w, stride=1, pad=0, dilation=1, groups=1):
 
 def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, stride=1, pad=0,
                            dilation=1, groups=1, eps=1e-5, momentum=0.9, training=True,
-                           use_global_stats=False):
-    """relu(batchnorm(conv1d(x))).
+                           use_global_stats=False, relu=True):
+    """relu(batchnorm(conv1d(x))); batchnorm(conv1d(x)) with relu=False.
 
     training and not use_global_stats: normalize with the batch mean and biased variance over
     (N, W), and return running statistics updated as MXNet does,
@@ -74,9 +74,9 @@ def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, s
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = (z - mean[None, :, None]) * invstd[None, :, None]
     pre = gamma[None, :, None] * xhat + beta[None, :, None]
-    y = np.maximum(pre, 0).astype(x.dtype)
+    y = (np.maximum(pre, 0) if relu else pre).astype(x.dtype)
     cache = dict(x=x, w=w, has_bias=bias is not None, gamma=gamma, xhat=xhat, invstd=invstd,
-                 pre=pre, batch_stats=batch_stats, stride=stride, pad=pad, dilation=dilation,
+                 pre=pre, relu=relu, batch_stats=batch_stats, stride=stride, pad=pad, dilation=dilation,
                  groups=groups)
     return (y, cache, new_rm.astype(running_mean.dtype), new_rv.astype(running_var.dtype))
 
@@ -84,7 +84,7 @@ def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, s
 def conv1d_bn_relu_backward(dy, cache):
     """Gradients w.r.t. data, weight, bias (None without bias), gamma and beta, as a dict."""
     c = cache
-    g = np.where(c["pre"] > 0, dy, 0)
+    g = np.where(c["pre"] > 0, dy, 0) if c["relu"] else dy
     xhat, invstd, gamma = c["xhat"], c["invstd"], c["gamma"]
     dbeta = g.sum(axis=(0, 2))
     dgamma = (g * xhat).sum(axis=(0, 2))
