@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	$(PY) -m pytest bench --benchmark-only -q
+	$(PY) -m pytest bench/test_cpu.py --benchmark-only -q --benchmark-json=bench/results_cpu.json
 
 clean:
 	rm -rf build dist *.egg-info fusedres/_C*.so $(VENV)

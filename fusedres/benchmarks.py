@@ -132,11 +132,14 @@ def interleaved_medians(contenders, reps, warmup=2):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def conv_contenders(shape, mode):
-    """Fused and stock callables for one shape; mode is 'train' or 'infer'."""
-    x = mx.nd.random.normal(shape=(shape.n, shape.c, shape.width))
+def conv_contenders(shape, mode, x=None, dy=None):
+    """Fused and stock callables for one shape on the same inputs; mode is 'train' or
+    'infer'."""
+    if x is None:
+        x = mx.nd.random.normal(shape=(shape.n, shape.c, shape.width))
     fused, stock = fused_block(shape), stock_block(shape, for_training=mode == "train")
     if mode == "train":
-        dy = mx.nd.random.normal(shape=(shape.n, shape.c, shape.out_width))
+        if dy is None:
+            dy = mx.nd.random.normal(shape=(shape.n, shape.c, shape.out_width))
         return {"fused": training_step(fused, x, dy), "stock": training_step(stock, x, dy)}
     return {"fused": inference(fused, x), "stock": inference(stock, x)}
