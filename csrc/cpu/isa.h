@@ -1,0 +1,35 @@
+// Per-instruction-set entry points of the conv engine (conv_engine.h). Each namespace is
+// compiled in its own translation unit with its own flags; conv1d_bn_relu.cpp picks one at
+// run time (cpu_isa()).
+#pragma once
+#include "conv1d_bn_relu.h"
+
+namespace fusedres {
+
+enum class CpuIsa { generic = 0, avx2 = 1, avx512 = 2 };
+
+// Best instruction set this CPU supports, lowered by the environment variable
+// FUSEDRES_CPU_ISA=generic|avx2|avx512 (read on every call; for tests and comparisons).
+CpuIsa cpu_isa();
+
+#define FUSEDRES_ISA_DECLARE_T(T)                                                             \
+  void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,            \
+                     const T* gamma, const T* beta, T* rm, T* rv, double eps, double mom,    \
+                     bool ubs, T* z, T* mean, T* invstd, T* y);                               \
+  void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,            \
+                     const T* gamma, const T* beta, const T* rm, const T* rv, double eps,    \
+                     T* y);                                                                   \
+  void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w,          \
+                const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,   \
+                T* dx, T* dw, T* dbias, T* dgamma, T* dbeta);
+#define FUSEDRES_ISA_DECLARE(NS) \
+  namespace NS {                 \
+  FUSEDRES_ISA_DECLARE_T(float)  \
+  FUSEDRES_ISA_DECLARE_T(double) \
+  }
+
+FUSEDRES_ISA_DECLARE(isa_generic)
+FUSEDRES_ISA_DECLARE(isa_avx2)
+FUSEDRES_ISA_DECLARE(isa_avx512)
+
+}  // namespace fusedres

@@ -1,0 +1,171 @@
+// Vector traits for the conv engine (conv_engine.h), one set per instruction set. Each ISA
+// translation unit (isa_*.cpp) is compiled with its own flags, defines FUSEDRES_ISA_AVX512,
+// FUSEDRES_ISA_AVX2 or nothing (portable scalar), includes this file and then the engine.
+// Everything lives in an anonymous namespace so no inline function or template instance can
+// be shared (and picked by the linker) across translation units built for different CPUs.
+#pragma once
+#include <cstdint>
+#if defined(FUSEDRES_ISA_AVX512) || defined(FUSEDRES_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#define FR_INLINE inline __attribute__((always_inline))
+
+namespace fusedres {
+namespace FUSEDRES_ISA_NS {
+namespace {
+
+// Interface (T: element type, W lanes; MR x NR*W conv tile; DMR x DNR*W weight-grad tile):
+//   zero set1 load loadm store storem fma(a,b,c)=a*b+c add sub mul max maskz(m,v) range(lo,hi)
+//   (lanes lo <= i < hi) full() gt0(v) (v > 0) mand hsum
+#if defined(FUSEDRES_ISA_AVX512)
+struct VF {
+  using T = float;
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int W = 16, MR = 8, NR = 3, DMR = 6, DNR = 4;
+  static FR_INLINE reg zero() { return _mm512_setzero_ps(); }
+  static FR_INLINE reg set1(T a) { return _mm512_set1_ps(a); }
+  static FR_INLINE reg load(const T* p) { return _mm512_loadu_ps(p); }
+  static FR_INLINE reg loadm(const T* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static FR_INLINE void store(T* p, reg v) { _mm512_storeu_ps(p, v); }
+  static FR_INLINE void storem(T* p, reg v, mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static FR_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static FR_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static FR_INLINE reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static FR_INLINE reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static FR_INLINE reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static FR_INLINE reg maskz(mask m, reg v) { return _mm512_maskz_mov_ps(m, v); }
+  static FR_INLINE mask range(int lo, int hi) {
+    return hi <= lo ? mask(0) : mask(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  }
+  static FR_INLINE mask full() { return mask(0xFFFF); }
+  static FR_INLINE mask gt0(reg v) { return _mm512_cmp_ps_mask(v, zero(), _CMP_GT_OQ); }
+  static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
+  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_ps(v); }
+};
+struct VD {
+  using T = double;
+  using reg = __m512d;
+  using mask = __mmask8;
+  static constexpr int W = 8, MR = 8, NR = 3, DMR = 6, DNR = 4;
+  static FR_INLINE reg zero() { return _mm512_setzero_pd(); }
+  static FR_INLINE reg set1(T a) { return _mm512_set1_pd(a); }
+  static FR_INLINE reg load(const T* p) { return _mm512_loadu_pd(p); }
+  static FR_INLINE reg loadm(const T* p, mask m) { return _mm512_maskz_loadu_pd(m, p); }
+  static FR_INLINE void store(T* p, reg v) { _mm512_storeu_pd(p, v); }
+  static FR_INLINE void storem(T* p, reg v, mask m) { _mm512_mask_storeu_pd(p, m, v); }
+  static FR_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static FR_INLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static FR_INLINE reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static FR_INLINE reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+  static FR_INLINE reg max(reg a, reg b) { return _mm512_max_pd(a, b); }
+  static FR_INLINE reg maskz(mask m, reg v) { return _mm512_maskz_mov_pd(m, v); }
+  static FR_INLINE mask range(int lo, int hi) {
+    return hi <= lo ? mask(0) : mask(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  }
+  static FR_INLINE mask full() { return mask(0xFF); }
+  static FR_INLINE mask gt0(reg v) { return _mm512_cmp_pd_mask(v, zero(), _CMP_GT_OQ); }
+  static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
+  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_pd(v); }
+};
+#elif defined(FUSEDRES_ISA_AVX2)
+struct VF {
+  using T = float;
+  using reg = __m256;
+  using mask = __m256i;
+  static constexpr int W = 8, MR = 6, NR = 2, DMR = 4, DNR = 3;
+  static FR_INLINE reg zero() { return _mm256_setzero_ps(); }
+  static FR_INLINE reg set1(T a) { return _mm256_set1_ps(a); }
+  static FR_INLINE reg load(const T* p) { return _mm256_loadu_ps(p); }
+  static FR_INLINE reg loadm(const T* p, mask m) { return _mm256_maskload_ps(p, m); }
+  static FR_INLINE void store(T* p, reg v) { _mm256_storeu_ps(p, v); }
+  static FR_INLINE void storem(T* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
+  static FR_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static FR_INLINE reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static FR_INLINE reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static FR_INLINE reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static FR_INLINE reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static FR_INLINE reg maskz(mask m, reg v) { return _mm256_and_ps(_mm256_castsi256_ps(m), v); }
+  static FR_INLINE mask range(int lo, int hi) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(lo - 1)),
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), iota));
+  }
+  static FR_INLINE mask full() { return _mm256_set1_epi32(-1); }
+  static FR_INLINE mask gt0(reg v) { return _mm256_castps_si256(_mm256_cmp_ps(v, zero(), _CMP_GT_OQ)); }
+  static FR_INLINE mask mand(mask a, mask b) { return _mm256_and_si256(a, b); }
+  static FR_INLINE T hsum(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+struct VD {
+  using T = double;
+  using reg = __m256d;
+  using mask = __m256i;
+  static constexpr int W = 4, MR = 6, NR = 2, DMR = 4, DNR = 3;
+  static FR_INLINE reg zero() { return _mm256_setzero_pd(); }
+  static FR_INLINE reg set1(T a) { return _mm256_set1_pd(a); }
+  static FR_INLINE reg load(const T* p) { return _mm256_loadu_pd(p); }
+  static FR_INLINE reg loadm(const T* p, mask m) { return _mm256_maskload_pd(p, m); }
+  static FR_INLINE void store(T* p, reg v) { _mm256_storeu_pd(p, v); }
+  static FR_INLINE void storem(T* p, reg v, mask m) { _mm256_maskstore_pd(p, m, v); }
+  static FR_INLINE reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static FR_INLINE reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static FR_INLINE reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static FR_INLINE reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static FR_INLINE reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
+  static FR_INLINE reg maskz(mask m, reg v) { return _mm256_and_pd(_mm256_castsi256_pd(m), v); }
+  static FR_INLINE mask range(int lo, int hi) {
+    const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+    return _mm256_and_si256(_mm256_cmpgt_epi64(iota, _mm256_set1_epi64x(lo - 1)),
+                            _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), iota));
+  }
+  static FR_INLINE mask full() { return _mm256_set1_epi64x(-1); }
+  static FR_INLINE mask gt0(reg v) { return _mm256_castpd_si256(_mm256_cmp_pd(v, zero(), _CMP_GT_OQ)); }
+  static FR_INLINE mask mand(mask a, mask b) { return _mm256_and_si256(a, b); }
+  static FR_INLINE T hsum(reg v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+#else
+// Portable scalar "vectors" of one lane; the compiler may still vectorize around them.
+template <typename TT>
+struct VScalar {
+  using T = TT;
+  using reg = TT;
+  using mask = bool;
+  static constexpr int W = 1, MR = 4, NR = 4, DMR = 4, DNR = 4;
+  static FR_INLINE reg zero() { return T(0); }
+  static FR_INLINE reg set1(T a) { return a; }
+  static FR_INLINE reg load(const T* p) { return *p; }
+  static FR_INLINE reg loadm(const T* p, mask m) { return m ? *p : T(0); }
+  static FR_INLINE void store(T* p, reg v) { *p = v; }
+  static FR_INLINE void storem(T* p, reg v, mask m) { if (m) *p = v; }
+  static FR_INLINE reg fma(reg a, reg b, reg c) { return a * b + c; }  // -ffp-contract=off
+  static FR_INLINE reg add(reg a, reg b) { return a + b; }
+  static FR_INLINE reg sub(reg a, reg b) { return a - b; }
+  static FR_INLINE reg mul(reg a, reg b) { return a * b; }
+  static FR_INLINE reg max(reg a, reg b) { return a > b ? a : b; }
+  static FR_INLINE reg maskz(mask m, reg v) { return m ? v : T(0); }
+  static FR_INLINE mask range(int lo, int hi) { return lo <= 0 && hi >= 1; }
+  static FR_INLINE mask full() { return true; }
+  static FR_INLINE mask gt0(reg v) { return v > T(0); }
+  static FR_INLINE mask mand(mask a, mask b) { return a && b; }
+  static FR_INLINE T hsum(reg v) { return v; }
+};
+using VF = VScalar<float>;
+using VD = VScalar<double>;
+#endif
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { using type = VF; };
+template <> struct VecOf<double> { using type = VD; };
+
+}  // namespace
+}  // namespace FUSEDRES_ISA_NS
+}  // namespace fusedres

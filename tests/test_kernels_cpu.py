@@ -1,0 +1,382 @@
+"""fusedres._C CPU kernels against the numpy reference (fusedres/reference).
+
+float64 runs must match the float64 reference to ~1e-10 (relative to the largest value of
+each output); float32 runs are compared against the float64 reference computed from the same
+(float32) inputs, with errors scaled by magnitude (~1e-4). Every available instruction-set
+path (FUSEDRES_CPU_ISA=generic|avx2|avx512) is exercised.
+
+The extension and the reference are loaded straight from their files, so these tests need
+neither MXNet nor the rest of the package to import.
+"""
+import glob
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_c():
+    if "fusedres._C" in sys.modules:
+        return sys.modules["fusedres._C"]
+    so = sorted(glob.glob(str(ROOT / "fusedres" / "_C*.so")))
+    if not so:
+        pytest.skip("fusedres._C is not built (pip install -e .)", allow_module_level=True)
+    return _load("fusedres._C", so[0])
+
+
+_C = _load_c()
+ref = _load("_fusedres_reference_conv", ROOT / "fusedres" / "reference" / "conv1d_bn_relu.py")
+ref_add = _load("_fusedres_reference_add", ROOT / "fusedres" / "reference" / "add_relu.py")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+ISAS = ["default", "generic"]
+if {"avx2", "fma"} <= _FLAGS:
+    ISAS.append("avx2")
+if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _FLAGS:
+    ISAS.append("avx512")
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    name = request.param
+    if name == "default":
+        monkeypatch.delenv("FUSEDRES_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDRES_CPU_ISA", name)
+    return name
+
+
+# (N, Cin, L, Cout, K, stride, pad, dilation, groups, bias)
+BIG = [
+    (2, 64, 1024, 64, 3, 1, 1, 1, 1, True),       # reference shape (batch cut for test time)
+    (2, 256, 512, 256, 5, 1, 2, 1, 1, True),
+    (2, 32, 4096, 32, 3, 2, 1, 1, 1, True),
+    (4, 128, 256, 128, 1, 1, 0, 1, 1, True),
+    (1, 64, 4000, 64, 9, 1, 4, 2, 1, True),
+]
+SMALL = [
+    (2, 8, 16, 8, 3, 1, 1, 1, 1, True),           # tiny
+    (3, 8, 40, 12, 3, 1, 1, 1, 2, True),          # groups 2
+    (2, 6, 33, 9, 3, 1, 1, 1, 3, False),          # groups 3, no bias
+    (2, 7, 97, 7, 3, 1, 1, 1, 1, True),           # odd channels and length
+    (3, 7, 97, 5, 4, 2, 3, 2, 1, True),           # odd everything, stride 2 dilation 2
+    (2, 5, 50, 11, 3, 3, 2, 1, 1, False),         # stride 3
+    (2, 16, 64, 16, 1, 1, 0, 1, 1, False),        # kernel 1, pad 0
+    (2, 9, 31, 10, 5, 1, 0, 1, 1, True),          # pad 0
+    (2, 4, 10, 6, 3, 1, 5, 1, 1, True),           # pad larger than the kernel: zero edges
+    (2, 4, 12, 6, 3, 2, 6, 3, 1, True),           # pad > kernel, stride and dilation
+    (1, 24, 300, 40, 3, 1, 1, 1, 1, True),        # N = 1
+    (4, 6, 5, 6, 5, 1, 0, 1, 1, True),            # Lout = 1
+    (3, 3, 9, 4, 3, 4, 1, 1, 1, True),            # stride 4, short
+    (2, 20, 200, 36, 7, 1, 3, 3, 4, True),        # groups 4, dilation 3
+    (2, 33, 130, 70, 2, 1, 1, 1, 1, True),        # even kernel
+    (5, 3, 1, 2, 1, 1, 0, 1, 1, True),            # width 1
+    (2, 48, 70, 48, 3, 2, 0, 1, 2, True),         # groups 2 stride 2
+]
+
+
+def _id(s):
+    n, ci, l, co, k, st, p, d, g, b = s
+    return f"n{n}c{ci}l{l}o{co}k{k}s{st}p{p}d{d}g{g}{'b' if b else 'nb'}"
+
+
+def _make(shape, dtype, seed=0, mean_shift=0.0):
+    n, ci, l, co, k, st, p, d, g, has_bias = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, ci, l)) + mean_shift
+    w = rng.standard_normal((co, ci // g, k)) / np.sqrt(ci // g * k)
+    bias = rng.standard_normal(co) * 0.5 if has_bias else None
+    gamma = rng.uniform(0.5, 1.5, co) * rng.choice([-1.0, 1.0], co, p=[0.1, 0.9])
+    beta = rng.standard_normal(co) * 0.3
+    rm = rng.standard_normal(co) * 0.1
+    rv = rng.uniform(0.5, 2.0, co)
+    lout = ref.conv1d_out_width(l, k, st, p, d)
+    dy = rng.standard_normal((n, co, lout))
+    c = lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype)
+    return dict(x=c(x), w=c(w), bias=c(bias), gamma=c(gamma), beta=c(beta), rm=c(rm), rv=c(rv),
+                dy=c(dy), stride=st, pad=p, dil=d, groups=g, lout=lout)
+
+
+def _f64(a):
+    return None if a is None else a.astype(np.float64)
+
+
+def _check(got, want, tol, what):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, what
+    assert np.all(np.isfinite(got)), what
+    scale = max(np.max(np.abs(want)) if want.size else 0.0, 1e-30)
+    err = np.max(np.abs(got - want)) / scale if want.size else 0.0
+    assert err <= tol, f"{what}: max error {err:.3e} (relative to {scale:.3e}) > {tol:.1e}"
+
+
+def _tol(dtype):
+    return 1e-10 if dtype == np.float64 else 1e-4
+
+
+def _forward_train(d, dtype, use_batch_stats=True, update_running=True, eps=1e-5, momentum=0.9):
+    n, co, lout = d["x"].shape[0], d["w"].shape[0], d["lout"]
+    z = np.full((n, co, lout), np.nan, dtype)
+    y = np.full((n, co, lout), np.nan, dtype)
+    mean = np.full(co, np.nan, dtype)
+    invstd = np.full(co, np.nan, dtype)
+    rm, rv = d["rm"].copy(), d["rv"].copy()
+    _C.conv1d_bn_relu_forward_train(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], rm, rv, z,
+                                    mean, invstd, y, d["stride"], d["pad"], d["dil"], d["groups"],
+                                    eps, momentum, use_batch_stats, update_running)
+    return z, y, mean, invstd, rm, rv
+
+
+def _ref_forward(d, training=True, use_global_stats=False, eps=1e-5, momentum=0.9):
+    return ref.conv1d_bn_relu_forward(
+        _f64(d["x"]), _f64(d["w"]), _f64(d["bias"]), _f64(d["gamma"]), _f64(d["beta"]),
+        _f64(d["rm"]), _f64(d["rv"]), d["stride"], d["pad"], d["dil"], d["groups"], eps,
+        momentum, training, use_global_stats)
+
+
+ALL = BIG + SMALL
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", ALL, ids=_id)
+def test_forward_train_batch_stats(shape, dtype):
+    d = _make(shape, dtype)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+    ry, cache, rrm, rrv = _ref_forward(d)
+    tol = _tol(dtype)
+    rz = ref.conv1d(_f64(d["x"]), _f64(d["w"]), _f64(d["bias"]), d["stride"], d["pad"], d["dil"],
+                    d["groups"])
+    _check(z, rz, tol, "z")
+    _check(mean, rz.mean(axis=(0, 2)), tol, "mean")
+    _check(invstd, cache["invstd"], tol, "invstd")
+    _check(rm, rrm, tol, "running_mean")
+    _check(rv, rrv, tol, "running_var")
+    _check(y, ry, tol * 4, "y")
+    assert np.all(y >= 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_stats_large_mean(dtype):
+    """The variance must not lose precision when the mean is large against the spread."""
+    shape = (4, 16, 300, 16, 3, 1, 1, 1, 1, True)
+    d = _make(shape, dtype, seed=3, mean_shift=0.0)
+    d["bias"] = (d["bias"] + 300.0).astype(dtype)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+    ry, cache, rrm, rrv = _ref_forward(d)
+    zz = z.astype(np.float64)
+    # variance of what the kernel produced, computed exactly
+    _check(invstd, 1.0 / np.sqrt(zz.var(axis=(0, 2)) + 1e-5), _tol(dtype) * 10, "invstd")
+    _check(mean, zz.mean(axis=(0, 2)), _tol(dtype), "mean")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SMALL[:6] + BIG[:1], ids=_id)
+def test_forward_train_no_update(shape, dtype):
+    d = _make(shape, dtype, seed=1)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype, update_running=False)
+    ry, cache, _, _ = _ref_forward(d)
+    assert np.array_equal(rm, d["rm"]) and np.array_equal(rv, d["rv"])
+    _check(y, ry, _tol(dtype) * 4, "y")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", ALL, ids=_id)
+def test_forward_global_stats(shape, dtype):
+    d = _make(shape, dtype, seed=2)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype, use_batch_stats=False)
+    ry, cache, _, _ = _ref_forward(d, training=True, use_global_stats=True)
+    tol = _tol(dtype)
+    assert np.array_equal(rm, d["rm"]) and np.array_equal(rv, d["rv"])
+    _check(mean, d["rm"], 0, "mean")
+    _check(invstd, cache["invstd"], tol, "invstd")
+    _check(y, ry, tol * 4, "y")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", ALL, ids=_id)
+def test_forward_infer(shape, dtype):
+    d = _make(shape, dtype, seed=4)
+    n, co, lout = d["x"].shape[0], d["w"].shape[0], d["lout"]
+    y = np.full((n, co, lout), np.nan, dtype)
+    _C.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                    d["rv"], y, d["stride"], d["pad"], d["dil"], d["groups"], 1e-5)
+    ry, _, _, _ = _ref_forward(d, training=False)
+    _check(y, ry, _tol(dtype) * 4, "y")
+
+
+def _ref_backward_from(d, z, y, mean, invstd, batch_stats):
+    """float64 backward from the kernel's own saved z/mean/invstd and the forward's relu mask
+    (y > 0), so a float32 rounding near the relu kink cannot make the comparison flaky."""
+    z64, mean64, invstd64 = _f64(z), _f64(mean), _f64(invstd)
+    xhat = (z64 - mean64[None, :, None]) * invstd64[None, :, None]
+    cache = dict(x=_f64(d["x"]), w=_f64(d["w"]), has_bias=d["bias"] is not None,
+                 gamma=_f64(d["gamma"]), xhat=xhat, invstd=invstd64,
+                 pre=np.where(y > 0, 1.0, -1.0), batch_stats=batch_stats, stride=d["stride"],
+                 pad=d["pad"], dilation=d["dil"], groups=d["groups"])
+    return ref.conv1d_bn_relu_backward(_f64(d["dy"]), cache)
+
+
+def _backward(d, dtype, z, mean, invstd, batch_stats, want=("data", "weight", "bias", "gamma",
+                                                             "beta")):
+    x, w = d["x"], d["w"]
+    co = w.shape[0]
+    grads = dict(
+        data=np.full(x.shape, np.nan, dtype) if "data" in want else None,
+        weight=np.full(w.shape, np.nan, dtype) if "weight" in want else None,
+        bias=np.full(co, np.nan, dtype) if "bias" in want else None,
+        gamma=np.full(co, np.nan, dtype) if "gamma" in want else None,
+        beta=np.full(co, np.nan, dtype) if "beta" in want else None)
+    _C.conv1d_bn_relu_backward(d["dy"], x, w, z, d["gamma"], d["beta"], mean, invstd,
+                               grads["data"], grads["weight"], grads["bias"], grads["gamma"],
+                               grads["beta"], d["stride"], d["pad"], d["dil"], d["groups"],
+                               batch_stats)
+    return grads
+
+
+def _check_grads(grads, rg, dtype, want):
+    tol = _tol(dtype) * (1 if dtype == np.float64 else 5)
+    for k in want:
+        if k == "bias":
+            if rg["bias"] is None:
+                continue
+            # with batch statistics sum(dz) is ~0: scale by the magnitude of its terms
+            got, exp = grads["bias"], rg["bias"]
+            scale = max(np.max(np.abs(rg["beta"])), np.max(np.abs(exp)), 1e-30)
+            assert np.max(np.abs(_f64(got) - exp)) / scale <= tol, "bias"
+        else:
+            _check(grads[k], rg[k], tol, k)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", ALL, ids=_id)
+def test_backward(shape, dtype, batch_stats):
+    d = _make(shape, dtype, seed=5)
+    z, y, mean, invstd, _, _ = _forward_train(d, dtype, use_batch_stats=batch_stats)
+    want = ("data", "weight", "bias", "gamma", "beta")
+    grads = _backward(d, dtype, z, mean, invstd, batch_stats, want)
+    if dtype == np.float64:
+        # end to end against the reference (its own forward, its own mask)
+        _, cache, _, _ = _ref_forward(d, training=True, use_global_stats=not batch_stats)
+        rg = ref.conv1d_bn_relu_backward(_f64(d["dy"]), cache)
+    else:
+        rg = _ref_backward_from(d, z, y, mean, invstd, batch_stats)
+    _check_grads(grads, rg, dtype, want)
+
+
+@pytest.mark.parametrize("want", [("data",), ("weight",), ("bias",), ("gamma", "beta"),
+                                  ("weight", "bias"), ("data", "gamma"), ()])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [SMALL[0], SMALL[4], BIG[0]], ids=_id)
+def test_backward_some_grads(shape, dtype, want):
+    d = _make(shape, dtype, seed=6)
+    z, y, mean, invstd, _, _ = _forward_train(d, dtype)
+    grads = _backward(d, dtype, z, mean, invstd, True, want)
+    rg = _ref_backward_from(d, z, y, mean, invstd, True)
+    _check_grads(grads, rg, dtype, want)
+    for k in ("data", "weight", "bias", "gamma", "beta"):
+        if k not in want:
+            assert grads[k] is None
+
+
+@pytest.mark.parametrize("isa", ISAS[1:], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SMALL + [BIG[0], BIG[2]], ids=_id)
+def test_every_isa(shape, dtype, isa):
+    """Each instruction-set path on its own: forward train, infer and backward."""
+    d = _make(shape, dtype, seed=7)
+    tol = _tol(dtype)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+    ry, cache, rrm, rrv = _ref_forward(d)
+    _check(y, ry, tol * 4, "y")
+    _check(rv, rrv, tol, "running_var")
+    n, co, lout = d["x"].shape[0], d["w"].shape[0], d["lout"]
+    yi = np.full((n, co, lout), np.nan, dtype)
+    _C.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                    d["rv"], yi, d["stride"], d["pad"], d["dil"], d["groups"], 1e-5)
+    ryi, _, _, _ = _ref_forward(d, training=False)
+    _check(yi, ryi, tol * 4, "y infer")
+    want = ("data", "weight", "bias", "gamma", "beta")
+    grads = _backward(d, dtype, z, mean, invstd, True, want)
+    _check_grads(grads, _ref_backward_from(d, z, y, mean, invstd, True), dtype, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deterministic(dtype):
+    d = _make(BIG[0], dtype, seed=8)
+    outs = []
+    for _ in range(2):
+        z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+        g = _backward(d, dtype, z, mean, invstd, True)
+        outs.append([z, y, mean, invstd, rm, rv] + [g[k] for k in sorted(g)])
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_mask_matches_forward(dtype):
+    """Backward's relu mask is exactly the forward's (y > 0): with dy = 1, gamma = 1 and
+    global statistics, dgamma-free gradients are checked via beta_grad = count(y > 0)."""
+    d = _make(SMALL[3], dtype, seed=9)
+    d["dy"] = np.ones_like(d["dy"])
+    z, y, mean, invstd, _, _ = _forward_train(d, dtype, use_batch_stats=False)
+    g = _backward(d, dtype, z, mean, invstd, False, ("beta",))
+    assert np.array_equal(g["beta"], (y > 0).sum(axis=(0, 2)).astype(dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 33, 1025, 100003])
+def test_add_relu(n, dtype, isa):
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal(n).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    y = np.full(n, np.nan, dtype)
+    _C.add_relu_forward(a, b, y)
+    assert np.array_equal(y, ref_add.add_relu_forward(a, b))
+    dy = rng.standard_normal(n).astype(dtype)
+    ga, gb = np.full(n, np.nan, dtype), np.full(n, np.nan, dtype)
+    _C.add_relu_backward(dy, y, ga, gb)
+    ra, rb = ref_add.add_relu_backward(dy, y)
+    assert np.array_equal(ga, ra) and np.array_equal(gb, rb)
+    for first, second in ((ga, None), (None, gb)):
+        for arr in (ga, gb):
+            arr.fill(np.nan)
+        _C.add_relu_backward(dy, y, first, second)
+        assert np.array_equal(first if first is not None else second, ra)
+    _C.add_relu_backward(dy, y, None, None)
+
+
+def test_add_relu_3d():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    b = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    y = np.empty_like(a)
+    _C.add_relu_forward(a, b, y)
+    assert np.array_equal(y, np.maximum(a + b, 0))
