@@ -267,7 +267,7 @@ def _channel_splits(per_channel, channels):
 
 def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, running_var, z,
                                  mean, invstd, out, stride, pad, dilation, groups, eps, momentum,
-                                 use_batch_stats, update_running):
+                                 use_batch_stats, update_running, relu=True):
     """Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward.
 
     With use_batch_stats, normalizes with the batch mean and biased variance and, if
@@ -311,11 +311,12 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
     rows = s.N * s.Cout
     _launch("conv1d_bn_relu", f"bn_relu_apply_{_mixed(x.dtype, pdt)}",
             (min(rows, 32 * _sm_count()),), (_THREADS,),
-            (z, gamma, beta, mean, invstd, np.int32(rows), np.int32(s.Cout), np.int32(s.Lout), out))
+            (z, gamma, beta, mean, invstd, np.int32(rows), np.int32(s.Cout), np.int32(s.Lout),
+             np.int32(bool(relu)), out))
 
 
 def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, running_var, out,
-                                 stride, pad, dilation, groups, eps):
+                                 stride, pad, dilation, groups, eps, relu=True):
     """Conv1d+BN+ReLU inference with BN folded into the conv epilogue."""
     x, w = _check(data, "data"), _check(weight, "weight")
     bias = _check_opt(bias, "bias")
@@ -334,12 +335,12 @@ def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, 
     _launch("conv1d_bn_relu", f"conv1d_fwd_infer_{_mixed(x.dtype, pdt)}",
             (_cdiv(s.M, _TILE), _cdiv(s.cout_g, _TILE), s.groups), (_THREADS,),
             s.args() + (x, w, _ptr(bias), gamma, beta, running_mean, running_var,
-                        np.float32(eps), out))
+                        np.float32(eps), np.int32(bool(relu)), out))
 
 
 def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd, data_grad,
                             weight_grad, bias_grad, gamma_grad, beta_grad, stride, pad, dilation,
-                            groups, batch_stats):
+                            groups, batch_stats, relu=True):
     """Conv1d+BN+ReLU backward from what forward_train saved; a None gradient is not computed.
 
     batch_stats must match the forward: with batch statistics the gradient also flows through
@@ -372,7 +373,7 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
     ws_g = cp.empty((nsplit, C), np.float32)
     ws_gx = cp.empty((nsplit, C), np.float32)
     _launch("conv1d_bn_relu", f"bn_bwd_reduce_{msuf}", (C, nsplit), (_THREADS,),
-            (dy, z, gamma, beta, mean, invstd) + dims + (ws_g, ws_gx))
+            (dy, z, gamma, beta, mean, invstd) + dims + (np.int32(bool(relu)), ws_g, ws_gx))
     coef = cp.empty((2 * C,), np.float32)
     _launch("conv1d_bn_relu", f"bn_bwd_finalize_{psuf}", (_cdiv(C, 128),), (128,),
             (ws_g, ws_gx, np.int32(nsplit), np.int32(C), np.int32(M),
@@ -382,7 +383,8 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
     dz = cp.empty(s.out, np.float32)
     ws_dz = cp.empty((nsplit, C), np.float32) if dbias is not None else None
     _launch("conv1d_bn_relu", f"bn_bwd_dz_{msuf}", (C, nsplit), (_THREADS,),
-            (dy, z, gamma, beta, mean, invstd, coef) + dims + (dz, _ptr(ws_dz)))
+            (dy, z, gamma, beta, mean, invstd, coef) + dims + (np.int32(bool(relu)), dz,
+                                                               _ptr(ws_dz)))
     if dbias is not None:
         _sum_splits(dsuf, ws_dz, nsplit, C, dbias)
     if dx is not None:

@@ -66,7 +66,7 @@ def dev(a):
     return None if a is None else cp.asarray(a)
 
 
-def run_forward_train(host, conv, dt, pt, use_batch_stats):
+def run_forward_train(host, conv, dt, pt, use_batch_stats, relu=True):
     lout = reference.conv1d_out_width(host["x"].shape[2], host["w"].shape[2], conv["stride"],
                                       conv["pad"], conv["dilation"])
     shape = (host["x"].shape[0], host["w"].shape[0], lout)
@@ -77,20 +77,21 @@ def run_forward_train(host, conv, dt, pt, use_batch_stats):
     cuda.conv1d_bn_relu_forward_train(
         d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"], d["rv"], d["z"], d["mean"],
         d["invstd"], d["y"], conv["stride"], conv["pad"], conv["dilation"], conv["groups"], EPS,
-        MOMENTUM, use_batch_stats, True)
+        MOMENTUM, use_batch_stats, True, relu=relu)
     return d
 
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("use_batch_stats", [True, False])
-def test_forward_train(case, dtypes, use_batch_stats):
+@pytest.mark.parametrize("relu", [True, False])
+def test_forward_train(case, dtypes, use_batch_stats, relu):
     host, conv, dt, pt = make_inputs(case, dtypes)
-    d = run_forward_train(host, conv, dt, pt, use_batch_stats)
+    d = run_forward_train(host, conv, dt, pt, use_batch_stats, relu)
     y, cache, rm, rv = reference.conv1d_bn_relu_forward(
         f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]), f64(host["beta"]),
         f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM, training=True,
-        use_global_stats=not use_batch_stats, **conv)
+        use_global_stats=not use_batch_stats, relu=relu, **conv)
     z = reference.conv1d(f64(host["x"]), f64(host["w"]), f64(host["bias"]), **conv)
     assert_close(d["z"], z, dt, "z")
     assert_close(d["y"], y, dt, "out")
@@ -119,31 +120,33 @@ def test_forward_train_without_running_update_leaves_running_stats():
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_forward_infer(case, dtypes):
+@pytest.mark.parametrize("relu", [True, False])
+def test_forward_infer(case, dtypes, relu):
     host, conv, dt, pt = make_inputs(case, dtypes)
     y_ref = reference.conv1d_bn_relu_forward(
         f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]), f64(host["beta"]),
-        f64(host["rm"]), f64(host["rv"]), eps=EPS, training=False, **conv)[0]
+        f64(host["rm"]), f64(host["rv"]), eps=EPS, training=False, relu=relu, **conv)[0]
     d = {k: dev(v) for k, v in host.items()}
     y = cp.empty(y_ref.shape, dt)
     cuda.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
                                       d["rv"], y, conv["stride"], conv["pad"], conv["dilation"],
-                                      conv["groups"], EPS)
+                                      conv["groups"], EPS, relu=relu)
     assert_close(y, y_ref, dt, "out")
 
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch_stats", [True, False])
-def test_backward(case, dtypes, batch_stats):
+@pytest.mark.parametrize("relu", [True, False])
+def test_backward(case, dtypes, batch_stats, relu):
     host, conv, dt, pt = make_inputs(case, dtypes)
-    d = run_forward_train(host, conv, dt, pt, batch_stats)
+    d = run_forward_train(host, conv, dt, pt, batch_stats, relu)
     rng = np.random.default_rng(1)
     dy = rng.standard_normal(d["z"].shape).astype(dt)
     _, cache, _, _ = reference.conv1d_bn_relu_forward(
         f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]), f64(host["beta"]),
         f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM, training=True,
-        use_global_stats=not batch_stats, **conv)
+        use_global_stats=not batch_stats, relu=relu, **conv)
     # The relu mask is the one the kernel recomputes from what forward saved; deriving it from
     # the float64 forward instead would flip elements sitting at the kink in float16.
     z, mean, invstd = (f64(cp.asnumpy(d[k])) for k in ("z", "mean", "invstd"))
@@ -160,7 +163,7 @@ def test_backward(case, dtypes, batch_stats):
     cuda.conv1d_bn_relu_backward(
         cp.asarray(dy), d["x"], d["w"], d["z"], d["gamma"], d["beta"], d["mean"], d["invstd"],
         grads["data"], grads["weight"], grads["bias"], grads["gamma"], grads["beta"],
-        conv["stride"], conv["pad"], conv["dilation"], conv["groups"], batch_stats)
+        conv["stride"], conv["pad"], conv["dilation"], conv["groups"], batch_stats, relu=relu)
     for name, got in grads.items():
         if got is not None:
             assert_close(got, ref[name], dt, f"{name}_grad")

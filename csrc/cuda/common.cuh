@@ -16,6 +16,10 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 
 // std::max(v, 0) as the CPU kernels write it: NaN propagates.
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+// The op's optional relu (relu=False gives conv + batchnorm alone), and the backward mask
+// that goes with it, decided from the same pre-activation value as the forward.
+__device__ __forceinline__ float act(float v, int do_relu) { return do_relu ? relu(v) : v; }
+__device__ __forceinline__ bool passes(float pre, int do_relu) { return !do_relu || pre > 0.f; }
 
 // Per-channel affine of the normalization, y = relu(z * a + b), with a = gamma * invstd and
 // b = beta - mean * a (the CPU bn_affine). Explicit rounding intrinsics stop the compiler from

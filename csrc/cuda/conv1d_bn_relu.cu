@@ -247,7 +247,8 @@ template <typename T, typename P>
 __device__ void conv_fwd_infer(const Shape s, const T* __restrict__ x, const T* __restrict__ w,
                                const T* __restrict__ bias, const P* __restrict__ gamma,
                                const P* __restrict__ beta, const P* __restrict__ rmean,
-                               const P* __restrict__ rvar, float eps, T* __restrict__ y) {
+                               const P* __restrict__ rvar, float eps, int do_relu,
+                               T* __restrict__ y) {
   const int g = blockIdx.z, M = s.N * s.Lout;
   const FwdProb<T> p = fwd_prob(s, x, w, g);
   const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
@@ -266,7 +267,7 @@ __device__ void conv_fwd_infer(const Shape s, const T* __restrict__ x, const T* 
     const float shift = (bv - to_f(rmean[co])) * scale + to_f(beta[co]);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      if (cok[j]) y[off[j] + (size_t)co * s.Lout] = from_f<T>(relu(fmaf(acc[i][j], scale, shift)));
+      if (cok[j]) y[off[j] + (size_t)co * s.Lout] = from_f<T>(act(fmaf(acc[i][j], scale, shift), do_relu));
   }
 }
 
@@ -374,13 +375,13 @@ template <typename T, typename P>
 __device__ void bn_relu_apply(const T* __restrict__ z, const P* __restrict__ gamma,
                               const P* __restrict__ beta, const P* __restrict__ mean,
                               const P* __restrict__ invstd, int rows, int C, int W,
-                              T* __restrict__ y) {
+                              int do_relu, T* __restrict__ y) {
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const int c = row % C;
     const Affine af = bn_affine(to_f(gamma[c]), to_f(beta[c]), to_f(mean[c]), to_f(invstd[c]));
     const T* zr = z + (size_t)row * W;
     T* yr = y + (size_t)row * W;
-    for (int l = threadIdx.x; l < W; l += blockDim.x) yr[l] = from_f<T>(relu(af.pre(to_f(zr[l]))));
+    for (int l = threadIdx.x; l < W; l += blockDim.x) yr[l] = from_f<T>(act(af.pre(to_f(zr[l])), do_relu));
   }
 }
 
@@ -408,7 +409,7 @@ template <typename T, typename P>
 __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
                               const P* __restrict__ gamma, const P* __restrict__ beta,
                               const P* __restrict__ mean, const P* __restrict__ invstd, int N,
-                              int C, int W, int chunk, float* __restrict__ ws_g,
+                              int C, int W, int chunk, int do_relu, float* __restrict__ ws_g,
                               float* __restrict__ ws_gx) {
   const int c = blockIdx.x, sp = blockIdx.y, total = N * W;
   const BnChannel ch = bn_channel(gamma, beta, mean, invstd, c);
@@ -418,7 +419,7 @@ __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
     const int n = e / W;
     const size_t off = ((size_t)n * C + c) * W + (e - n * W);
     const float zv = to_f(z[off]);
-    if (ch.af.pre(zv) > 0.f) {
+    if (passes(ch.af.pre(zv), do_relu)) {
       const float gv = to_f(dy[off]);
       sg += gv;
       sgx += gv * ch.xhat(zv);
@@ -460,7 +461,7 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
                           const P* __restrict__ gamma, const P* __restrict__ beta,
                           const P* __restrict__ mean, const P* __restrict__ invstd,
                           const float* __restrict__ coef, int N, int C, int W, int chunk,
-                          float* __restrict__ dz, float* __restrict__ ws_dz) {
+                          int do_relu, float* __restrict__ dz, float* __restrict__ ws_dz) {
   const int c = blockIdx.x, sp = blockIdx.y, total = N * W;
   const BnChannel ch = bn_channel(gamma, beta, mean, invstd, c);
   const float mg = coef[c], mgx = coef[C + c];
@@ -470,7 +471,7 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
     const int n = e / W;
     const size_t off = ((size_t)n * C + c) * W + (e - n * W);
     const float zv = to_f(z[off]);
-    const float gv = ch.af.pre(zv) > 0.f ? to_f(dy[off]) : 0.f;
+    const float gv = passes(ch.af.pre(zv), do_relu) ? to_f(dy[off]) : 0.f;
     const float d = ch.scale * (gv - mg - ch.xhat(zv) * mgx);
     dz[off] = d;
     sdz += d;
@@ -527,27 +528,28 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
   extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                            \
       conv1d_fwd_infer_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias,     \
                              const P* gamma, const P* beta, const P* rmean, const P* rvar,     \
-                             float eps, T* y) {                                                \
+                             float eps, int do_relu, T* y) {                                   \
     fusedres::conv_fwd_infer<T, P>(FUSEDRES_SHAPE, x, w, bias, gamma, beta, rmean, rvar, eps,  \
-                                   y);                                                         \
+                                   do_relu, y);                                                \
   }                                                                                            \
   extern "C" __global__ void bn_relu_apply_##SUF(const T* z, const P* gamma, const P* beta,   \
                                                  const P* mean, const P* invstd, int rows,     \
-                                                 int C, int W, T* y) {                         \
-    fusedres::bn_relu_apply<T, P>(z, gamma, beta, mean, invstd, rows, C, W, y);                \
+                                                 int C, int W, int do_relu, T* y) {            \
+    fusedres::bn_relu_apply<T, P>(z, gamma, beta, mean, invstd, rows, C, W, do_relu, y);       \
   }                                                                                            \
   extern "C" __global__ void bn_bwd_reduce_##SUF(                                              \
       const T* dy, const T* z, const P* gamma, const P* beta, const P* mean,                   \
-      const P* invstd, int N, int C, int W, int chunk, float* ws_g, float* ws_gx) {            \
-    fusedres::bn_bwd_reduce<T, P>(dy, z, gamma, beta, mean, invstd, N, C, W, chunk, ws_g,      \
-                                  ws_gx);                                                      \
+      const P* invstd, int N, int C, int W, int chunk, int do_relu, float* ws_g,              \
+      float* ws_gx) {                                                                          \
+    fusedres::bn_bwd_reduce<T, P>(dy, z, gamma, beta, mean, invstd, N, C, W, chunk, do_relu,   \
+                                  ws_g, ws_gx);                                                \
   }                                                                                            \
   extern "C" __global__ void bn_bwd_dz_##SUF(                                                  \
       const T* dy, const T* z, const P* gamma, const P* beta, const P* mean,                   \
-      const P* invstd, const float* coef, int N, int C, int W, int chunk, float* dz,           \
-      float* ws_dz) {                                                                          \
-    fusedres::bn_bwd_dz<T, P>(dy, z, gamma, beta, mean, invstd, coef, N, C, W, chunk, dz,      \
-                              ws_dz);                                                          \
+      const P* invstd, const float* coef, int N, int C, int W, int chunk, int do_relu,         \
+      float* dz, float* ws_dz) {                                                               \
+    fusedres::bn_bwd_dz<T, P>(dy, z, gamma, beta, mean, invstd, coef, N, C, W, chunk, do_relu, \
+                              dz, ws_dz);                                                      \
   }
 
 FUSEDRES_DATA_KERNELS(f32, float)
