@@ -237,7 +237,8 @@ def _ref_backward_from(d, z, y, mean, invstd, batch_stats):
     xhat = (z64 - mean64[None, :, None]) * invstd64[None, :, None]
     cache = dict(x=_f64(d["x"]), w=_f64(d["w"]), has_bias=d["bias"] is not None,
                  gamma=_f64(d["gamma"]), xhat=xhat, invstd=invstd64,
-                 pre=np.where(y > 0, 1.0, -1.0), batch_stats=batch_stats, stride=d["stride"],
+                 pre=np.where(y > 0, 1.0, -1.0), relu=True, batch_stats=batch_stats,
+                 stride=d["stride"],
                  pad=d["pad"], dilation=d["dil"], groups=d["groups"])
     return ref.conv1d_bn_relu_backward(_f64(d["dy"]), cache)
 
