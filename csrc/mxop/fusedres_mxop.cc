@@ -25,7 +25,9 @@
 #include <dlfcn.h>
 #include <link.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <cstdint>
 #include <limits>
 #include <sstream>
@@ -429,6 +431,72 @@ fusedres::Conv1dShape conv_shape(const ConvParams& p, const MXTensor& data,
   return s;
 }
 
+// Saved tensors (z is as large as the output) live in the op state from a training forward to
+// its backward; a state is created per call, so a fresh allocation per call would page-fault
+// (and std::vector would also zero it). Freed buffers are kept in a small pool and reused.
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: states may outlive statics
+    return *pool;
+  }
+  void* acquire(size_t bytes, size_t* capacity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].first >= bytes && (best == free_.size() || free_[i].first < free_[best].first))
+        best = i;
+    if (best < free_.size()) {
+      auto b = free_[best];
+      free_.erase(free_.begin() + best);
+      *capacity = b.first;
+      return b.second;
+    }
+    *capacity = bytes;
+    return std::malloc(bytes ? bytes : 1);
+  }
+  void release(void* p, size_t capacity) {
+    if (p == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() < kMaxFree) {
+      free_.emplace_back(capacity, p);
+      return;
+    }
+    // Full: drop the smallest, keep the larger.
+    size_t smallest = 0;
+    for (size_t i = 1; i < free_.size(); ++i)
+      if (free_[i].first < free_[smallest].first) smallest = i;
+    if (free_[smallest].first < capacity) std::swap(free_[smallest].second, p),
+                                          std::swap(free_[smallest].first, capacity);
+    std::free(p);
+  }
+
+ private:
+  static constexpr size_t kMaxFree = 16;
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;
+};
+
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { BufferPool::get().release(ptr_, cap_); }
+  void reserve(size_t bytes) {
+    if (ptr_ != nullptr && cap_ >= bytes) return;
+    BufferPool::get().release(ptr_, cap_);
+    ptr_ = BufferPool::get().acquire(bytes, &cap_);
+  }
+  void* data() const { return ptr_; }
+  template <typename T>
+  const T* as() const { return static_cast<const T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t cap_ = 0;
+};
+
 class ConvBNReLUState : public CustomStatefulOp {
  public:
   ConvBNReLUState(const ConvParams& p, bool is_train) : p_(p), is_train_(is_train) {}
@@ -455,8 +523,8 @@ class ConvBNReLUState : public CustomStatefulOp {
 
  private:
   template <typename T>
-  T* saved(std::vector<char>* buf, int64_t count) {
-    buf->resize(static_cast<size_t>(count) * sizeof(T));
+  T* saved(Buffer* buf, int64_t count) {
+    buf->reserve(static_cast<size_t>(count) * sizeof(T));
     return reinterpret_cast<T*>(buf->data());
   }
 
@@ -501,14 +569,13 @@ class ConvBNReLUState : public CustomStatefulOp {
     if (!have_saved_) {
       // Backward after an inference-mode forward (recorded with train_mode=False): the
       // gradient is taken at the running statistics, which that forward used.
-      std::vector<char> scratch;
+      Buffer scratch;
       forward_train<T>(in, 1, saved<T>(&scratch, s.N * s.Cout * s.Lout()), false);
     }
     const int nb = p_.no_bias ? 0 : 1;
     fusedres::conv1d_bn_relu_backward<T>(
         s, batch_stats_, in[0].data<T>(), in[1].data<T>(), in[2].data<T>(),
-        reinterpret_cast<const T*>(z_.data()), in[3 + nb].data<T>(), in[4 + nb].data<T>(),
-        reinterpret_cast<const T*>(mean_.data()), reinterpret_cast<const T*>(invstd_.data()),
+        z_.as<T>(), in[3 + nb].data<T>(), in[4 + nb].data<T>(), mean_.as<T>(), invstd_.as<T>(),
         out[0].data<T>(), out[1].data<T>(), p_.no_bias ? nullptr : out[2].data<T>(),
         out[2 + nb].data<T>(), out[3 + nb].data<T>());
     // The saved tensors stay: a second backward (retain_graph=True) needs them again; they
@@ -519,7 +586,7 @@ class ConvBNReLUState : public CustomStatefulOp {
   ConvParams p_;
   bool is_train_;
   bool have_saved_ = false, batch_stats_ = false;
-  std::vector<char> z_, mean_, invstd_;
+  Buffer z_, mean_, invstd_;
 };
 
 MXReturnValue conv_create_state(const Attrs& attrs, const MXContext& ctx,
