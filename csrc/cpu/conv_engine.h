@@ -300,6 +300,62 @@ inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 bytes_per_pos) {
   return Chunks{CH, cdiv(Lout, CH)};
 }
 
+// Inverse of deinterleave for positions q in [qa, qb): dst[c][q*S + r] =
+// src[(r*C + c)*ld + q - qa] where q*S + r < L.
+template <typename T>
+void interleave(const T* src, i64 C, i64 ld, i64 qa, i64 qb, i64 S, i64 L, T* dst) {
+  for (i64 c = 0; c < C; ++c) {
+    T* d = dst + c * L;
+    const i64 qfull = iclamp(L / S, qa, qb);
+    if (S == 2) {
+      const T* s0 = src + c * ld - qa;
+      const T* s1 = src + (C + c) * ld - qa;
+      for (i64 q = qa; q < qfull; ++q) {
+        d[2 * q] = s0[q];
+        d[2 * q + 1] = s1[q];
+      }
+    } else {
+      for (i64 r = 0; r < S; ++r) {
+        const T* sr = src + (r * C + c) * ld - qa;
+        for (i64 q = qa; q < qfull; ++q) d[q * S + r] = sr[q];
+      }
+    }
+    for (i64 r = 0; r < S; ++r) {
+      const T* sr = src + (r * C + c) * ld - qa;
+      for (i64 q = qfull; q < qb; ++q)
+        if (q * S + r < L) d[q * S + r] = sr[q];
+    }
+  }
+}
+
+// Splits rows src[c][0..L) into S phases: dst[(r*C + c)*ld + q - qbeg] = src[c][q*S + r]
+// (zero past L) for q in [qbeg, qend).
+template <typename T>
+void deinterleave(const T* src, i64 C, i64 L, i64 S, i64 qbeg, i64 qend, T* dst, i64 ld) {
+  for (i64 c = 0; c < C; ++c) {
+    const T* xr = src + c * L;
+    // q below qfull has every phase inside the row
+    const i64 qfull = iclamp(L / S, qbeg, qend);
+    if (S == 2) {
+      T* d0 = dst + c * ld - qbeg;
+      T* d1 = dst + (C + c) * ld - qbeg;
+      for (i64 q = qbeg; q < qfull; ++q) {
+        d0[q] = xr[2 * q];
+        d1[q] = xr[2 * q + 1];
+      }
+    } else {
+      for (i64 r = 0; r < S; ++r) {
+        T* d = dst + (r * C + c) * ld - qbeg;
+        for (i64 q = qbeg; q < qfull; ++q) d[q] = xr[q * S + r];
+      }
+    }
+    for (i64 r = 0; r < S; ++r) {
+      T* d = dst + (r * C + c) * ld - qbeg;
+      for (i64 q = qfull; q < qend; ++q) d[q] = q * S + r < L ? xr[q * S + r] : T(0);
+    }
+  }
+}
+
 // Forward conv over all units with the given epilogue. x: (N, Cin, L). wp packed per group.
 // out: (N, Cout, Lout). stats: [unit][Cout][3] for E_STATS.
 template <class V, int EPI>
@@ -333,16 +389,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
       if (S > 1) {
         qbeg = imax(0, ja + dmin);
         qend = imin(Lq, jb + dmax);
-        const i64 wq = qend - qbeg;
-        for (i64 r = 0; r < S; ++r)
-          for (i64 ci = 0; ci < s.Cin; ++ci) {
-            const T* xr = x + (n * s.Cin + ci) * s.L;
-            T* d = ph.p + (r * s.Cin + ci) * Wq;
-            for (i64 q = 0; q < wq; ++q) {
-              const i64 p = (qbeg + q) * S + r;
-              d[q] = p < s.L ? xr[p] : T(0);
-            }
-          }
+        deinterleave(x + n * s.Cin * s.L, s.Cin, s.L, S, qbeg, qend, ph.p, Wq);
       }
       for (i64 g = 0; g < G; ++g) {
         for (i64 k = 0; k < K; ++k) {
@@ -505,11 +552,26 @@ FR_INLINE void dw_tile(const typename V::T* const (&dzr)[MR], const typename V::
   }
 }
 
+template <class V, int MR, int NV>
+void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
+                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row);
+
+// MR x NV accumulator tile with MR = DMR * DNR / NV: fewer channel vectors, more rows.
 template <class V, int NV>
-FR_INLINE void dw_block(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
-                        i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* xT, i64 CP,
+              i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+  constexpr int MR = V::DMR * V::DNR / NV;
+  for (i64 r0 = 0; r0 < rows; r0 += MR)
+    dw_block_rows<V, MR, NV>(dz_g, Lo, r0, imin(MR, rows - r0), xT, CP, S, ja, jb, civ, dst,
+                             dst_row);
+}
+
+template <class V, int MR, int NV>
+void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr,
+                             const typename V::T* xT, i64 CP, i64 S, i64 ja, i64 jb, i64 civ,
+                             double* dst, i64 dst_row) {
   using T = typename V::T;
-  constexpr int MR = V::DMR, W = V::W;
+  constexpr int W = V::W;
   const T* dzr[MR];
   for (int r = 0; r < MR; ++r) dzr[r] = dz_g + (r0 + (r < nr ? r : 0)) * Lo;
   typename V::reg acc[MR][NV];
@@ -657,7 +719,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
     const i64 nunits = s.N * ch.nch;
 #pragma omp parallel
     {
-      Buf<T> tmp(S > 1 ? s.Cin * ch.CH : 0);
+      Buf<T> tmp(S > 1 ? S * s.Cin * ch.CH : 0);
       Tap<T> taps[64];
       Buf<Tap<T>> taps_big(K > 64 ? K : 0);
       Tap<T>* tp = K > 64 ? taps_big.p : taps;
@@ -671,7 +733,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
           const int nt = ntap.p[r];
           for (i64 g = 0; g < G; ++g) {
             T* out = S == 1 ? dx + (n * s.Cin + g * cin_g) * s.L
-                            : tmp.p + g * cin_g * ch.CH - ja;
+                            : tmp.p + (r * s.Cin + g * cin_g) * ch.CH - ja;
             const i64 ostride = S == 1 ? s.L : ch.CH;
             if (nt == 0) {
               for (i64 i = 0; i < cin_g; ++i)
@@ -687,13 +749,9 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
                            out, ostride, nullptr};
             run_conv_unit<V, E_STORE>(cu, ja, jb);
           }
-          if (S > 1)
-            for (i64 ci = 0; ci < s.Cin; ++ci) {
-              const T* src = tmp.p + ci * ch.CH - ja;
-              T* d = dx + (n * s.Cin + ci) * s.L + r;
-              for (i64 j = ja; j < jb; ++j) d[j * S] = src[j];
-            }
         }
+        if (S > 1) interleave(tmp.p, s.Cin, ch.CH, ja, imin(ja + ch.CH, Lq0), S, s.L,
+                              dx + n * s.Cin * s.L);
       }
     }
   }
@@ -701,7 +759,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   // dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x transposed
   // per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
   if (dw) {
-    constexpr int DMR = V::DMR, DNR = V::DNR;
+    constexpr int DNR = V::DNR;
     const i64 CP = rup(cin_g, W);
     const i64 offmin = -s.pad, offmax = (K - 1) * s.dilation - s.pad;
     i64 CHw = imax(16, imin(512, (128 * 1024) / (CP * i64(sizeof(T)) * S)));
@@ -730,13 +788,17 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
           const T* xg = x + (n * s.Cin + g * cin_g) * s.L;
           // blocks of 16 positions: contiguous reads per channel (a column walk over rows
           // L apart would alias in L1 when L is a multiple of 1024 floats)
-          for (i64 p0 = pb; p0 < pe; p0 += 16) {
-            const i64 p1 = imin(pe, p0 + 16);
+          for (i64 p0 = pb; p0 < pe; p0 += W) {
+            const i64 p1 = imin(pe, p0 + W);
             const i64 va = iclamp(p0, 0, s.L), vb = iclamp(p1, 0, s.L);  // valid [va, vb)
             for (i64 p = p0; p < p1; ++p)
               if (p < va || p >= vb)
                 for (i64 ci = 0; ci < CP; ++ci) xT.p[(p - pb) * CP + ci] = T(0);
-            for (i64 ci = 0; ci < cin_g; ++ci) {
+            i64 c0 = 0;
+            if (V::TRANSPOSE && p1 - p0 == W && va == p0 && vb == p1)
+              for (; c0 + W <= cin_g; c0 += W)
+                V::transpose(xg + c0 * s.L + p0, s.L, xT.p + (p0 - pb) * CP + c0, CP);
+            for (i64 ci = c0; ci < cin_g; ++ci) {
               const T* src = xg + ci * s.L;
               T* dst = xT.p + ci - pb * CP;
               for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
@@ -753,17 +815,14 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
             double* dk = dst_g + k * CP;
             for (i64 civ = 0; civ < nvec; civ += DNR) {
               const i64 nv = imin(DNR, nvec - civ);
-              for (i64 r0 = 0; r0 < cout_g; r0 += DMR) {
-                const i64 nr = imin(DMR, cout_g - r0);
-                if (nv == DNR)
-                  dw_block<V, DNR>(dz_g, Lo, r0, nr, xk, CP, S, ja, jb, civ, dk, dst_row);
-                else if (DNR > 3 && nv == 3)
-                  dw_block<V, (DNR > 3 ? 3 : 1)>(dz_g, Lo, r0, nr, xk, CP, S, ja, jb, civ, dk, dst_row);
-                else if (DNR > 2 && nv == 2)
-                  dw_block<V, (DNR > 2 ? 2 : 1)>(dz_g, Lo, r0, nr, xk, CP, S, ja, jb, civ, dk, dst_row);
-                else
-                  dw_block<V, 1>(dz_g, Lo, r0, nr, xk, CP, S, ja, jb, civ, dk, dst_row);
-              }
+              if (nv == DNR)
+                dw_block<V, DNR>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+              else if (DNR > 3 && nv == 3)
+                dw_block<V, (DNR > 3 ? 3 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+              else if (DNR > 2 && nv == 2)
+                dw_block<V, (DNR > 2 ? 2 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+              else
+                dw_block<V, 1>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
             }
           }
         }

@@ -1,3 +1,4 @@
-// The conv engine compiled for the generic instruction set (flags in CMakeLists.txt).
+// The conv engine in portable C++ (the library's baseline flags): the fallback for CPUs
+// without AVX2.
 #define FUSEDRES_ISA_NS isa_generic
 #include "conv_engine.h"

@@ -43,6 +43,34 @@ struct VF {
   static FR_INLINE mask gt0(reg v) { return _mm512_cmp_ps_mask(v, zero(), _CMP_GT_OQ); }
   static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
   static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_ps(v); }
+  // dst[i * ldd + j] = src[j * lds + i] for a W x W block.
+  static constexpr bool TRANSPOSE = true;
+  static FR_INLINE void transpose(const T* src, int64_t lds, T* dst, int64_t ldd) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int b = 0; b < 4; ++b) {
+      t[b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0x88);
+      t[4 + b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0xdd);
+      t[8 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0x88);
+      t[12 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0xdd);
+    }
+    for (int b = 0; b < 4; ++b) {
+      _mm512_storeu_ps(dst + b * ldd, _mm512_shuffle_f32x4(t[b], t[8 + b], 0x88));
+      _mm512_storeu_ps(dst + (4 + b) * ldd, _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0x88));
+      _mm512_storeu_ps(dst + (8 + b) * ldd, _mm512_shuffle_f32x4(t[b], t[8 + b], 0xdd));
+      _mm512_storeu_ps(dst + (12 + b) * ldd, _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0xdd));
+    }
+  }
 };
 struct VD {
   using T = double;
@@ -67,7 +95,8 @@ struct VD {
   static FR_INLINE mask full() { return mask(0xFF); }
   static FR_INLINE mask gt0(reg v) { return _mm512_cmp_pd_mask(v, zero(), _CMP_GT_OQ); }
   static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
-  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_pd(v); }
+  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_pd(v); }  static constexpr bool TRANSPOSE = false;
+  static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 #elif defined(FUSEDRES_ISA_AVX2)
 struct VF {
@@ -101,6 +130,25 @@ struct VF {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static constexpr bool TRANSPOSE = true;
+  static FR_INLINE void transpose(const T* src, int64_t lds, T* dst, int64_t ldd) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int b = 0; b < 4; ++b) {
+      _mm256_storeu_ps(dst + b * ldd, _mm256_permute2f128_ps(r[b], r[4 + b], 0x20));
+      _mm256_storeu_ps(dst + (4 + b) * ldd, _mm256_permute2f128_ps(r[b], r[4 + b], 0x31));
+    }
+  }
 };
 struct VD {
   using T = double;
@@ -130,7 +178,8 @@ struct VD {
   static FR_INLINE T hsum(reg v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-  }
+  }  static constexpr bool TRANSPOSE = false;
+  static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 #else
 // Portable scalar "vectors" of one lane; the compiler may still vectorize around them.
@@ -156,7 +205,8 @@ struct VScalar {
   static FR_INLINE mask full() { return true; }
   static FR_INLINE mask gt0(reg v) { return v > T(0); }
   static FR_INLINE mask mand(mask a, mask b) { return a && b; }
-  static FR_INLINE T hsum(reg v) { return v; }
+  static FR_INLINE T hsum(reg v) { return v; }  static constexpr bool TRANSPOSE = false;
+  static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 using VF = VScalar<float>;
 using VD = VScalar<double>;
