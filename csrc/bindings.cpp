@@ -108,7 +108,7 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
                    py::array beta_, py::array rmean_, py::array rvar_, py::array z_,
                    py::array mean_, py::array invstd_, py::array y_, int64_t stride,
                    int64_t pad, int64_t dilation, int64_t groups, double eps, double momentum,
-                   bool use_batch_stats, bool update_running) {
+                   bool use_batch_stats, bool update_running, bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
       beta(beta_, "beta", false), rmean(rmean_, "running_mean", update_running),
       rvar(rvar_, "running_var", update_running), z(z_, "saved conv output", true),
@@ -128,7 +128,8 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
     fusedres::conv1d_bn_relu_forward_train<T>(
         s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias), gamma.ptr<T>(), beta.ptr<T>(),
         keep_running ? rmean.ptr<T>() : nullptr, keep_running ? rvar.ptr<T>() : nullptr, eps,
-        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>());
+        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>(),
+        relu);
   };
   py::gil_scoped_release release;
   if (d == DType::f32) run(float{});
@@ -137,7 +138,8 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
 
 void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
                    py::array beta_, py::array rmean_, py::array rvar_, py::array y_,
-                   int64_t stride, int64_t pad, int64_t dilation, int64_t groups, double eps) {
+                   int64_t stride, int64_t pad, int64_t dilation, int64_t groups, double eps,
+                   bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
       beta(beta_, "beta", false), rmean(rmean_, "running_mean", false),
       rvar(rvar_, "running_var", false), y(y_, "output", true);
@@ -153,7 +155,7 @@ void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, p
     using T = decltype(tag);
     fusedres::conv1d_bn_relu_forward_infer<T>(s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias),
                                               gamma.ptr<T>(), beta.ptr<T>(), rmean.ptr<T>(),
-                                              rvar.ptr<T>(), eps, y.ptr<T>());
+                                              rvar.ptr<T>(), eps, y.ptr<T>(), relu);
   };
   py::gil_scoped_release release;
   if (d == DType::f32) run(float{});
@@ -164,7 +166,7 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
               py::array beta_, py::array mean_, py::array invstd_, std::optional<py::array> dx_,
               std::optional<py::array> dw_, std::optional<py::array> dbias_,
               std::optional<py::array> dgamma_, std::optional<py::array> dbeta_, int64_t stride,
-              int64_t pad, int64_t dilation, int64_t groups, bool batch_stats) {
+              int64_t pad, int64_t dilation, int64_t groups, bool batch_stats, bool relu) {
   Arg dy(dy_, "out_grad", false), x(x_, "data", false), w(w_, "weight", false),
       z(z_, "saved conv output", false), gamma(gamma_, "gamma", false), beta(beta_, "beta", false),
       mean(mean_, "saved mean", false), invstd(invstd_, "saved invstd", false);
@@ -187,7 +189,7 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
     fusedres::conv1d_bn_relu_backward<T>(
         s, batch_stats, dy.ptr<T>(), x.ptr<T>(), w.ptr<T>(), z.ptr<T>(), gamma.ptr<T>(),
         beta.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), ptr_or_null<T>(dx), ptr_or_null<T>(dw),
-        ptr_or_null<T>(dbias), ptr_or_null<T>(dgamma), ptr_or_null<T>(dbeta));
+        ptr_or_null<T>(dbias), ptr_or_null<T>(dgamma), ptr_or_null<T>(dbeta), relu);
   };
   py::gil_scoped_release release;
   if (d == DType::f32) run(float{});
@@ -235,18 +237,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"),
         py::arg("out"), py::arg("stride"), py::arg("pad"), py::arg("dilation"),
         py::arg("groups"), py::arg("eps"), py::arg("momentum"), py::arg("use_batch_stats"),
-        py::arg("update_running"),
-        "Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward.");
+        py::arg("update_running"), py::arg("relu") = true,
+        "Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward; "
+        "relu=False leaves out the relu.");
   m.def("conv1d_bn_relu_forward_infer", &forward_infer, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("out"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("groups"), py::arg("eps"),
+        py::arg("dilation"), py::arg("groups"), py::arg("eps"), py::arg("relu") = true,
         "Conv1d+BN+ReLU inference with BN folded into the conv.");
   m.def("conv1d_bn_relu_backward", &backward, py::arg("out_grad"), py::arg("data"),
         py::arg("weight"), py::arg("z"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
         py::arg("invstd"), py::arg("data_grad"), py::arg("weight_grad"), py::arg("bias_grad"),
         py::arg("gamma_grad"), py::arg("beta_grad"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("groups"), py::arg("batch_stats"),
+        py::arg("dilation"), py::arg("groups"), py::arg("batch_stats"), py::arg("relu") = true,
         "Conv1d+BN+ReLU backward; a None gradient is not computed.");
   m.def("add_relu_forward", &add_relu_fwd, py::arg("lhs"), py::arg("rhs"), py::arg("out"),
         "out = max(lhs + rhs, 0)");

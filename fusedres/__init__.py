@@ -15,7 +15,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
 
 from . import nn, ops  # noqa: E402
 from .fuse import FuseReport, fuse, load_unfused_parameters  # noqa: E402
-from .ops import add_relu, conv1d_bn_relu  # noqa: E402
+from .ops import add_relu, conv1d_bn_relu, conv1d_bn_relu_symbol  # noqa: E402
 
-__all__ = ["nn", "ops", "conv1d_bn_relu", "add_relu", "fuse", "FuseReport",
+__all__ = ["nn", "ops", "conv1d_bn_relu", "conv1d_bn_relu_symbol", "add_relu", "fuse", "FuseReport",
            "load_unfused_parameters", "__version__"]

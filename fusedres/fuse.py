@@ -1,7 +1,10 @@
 """``fuse(net)``: make an existing Gluon model use the fused ops, keeping its parameters.
 
-Each ``Conv1D -> BatchNorm -> relu`` run becomes one ``ConvBNReLU1D`` holding the very values
-(weights, running statistics, grad_req, dtype, context) of the blocks it replaces. Runs are
+Each ``Conv1D -> BatchNorm -> relu`` run becomes one ``ConvBNReLU1D``, and each
+``Conv1D -> BatchNorm`` not followed by a relu (a residual body's last conv, a projection
+shortcut) one ``ConvBN1D``, holding the very values (weights, running statistics, grad_req,
+dtype, context) of the blocks it replaces. Both also take the stock pair off MXNet 1.9.1's
+crashing MKLDNN BatchNorm backward. Runs are
 found in ``Sequential``/``HybridSequential`` containers by position, and among the children of
 custom Blocks by tracing one forward pass (``sample=``), since their ``forward`` code is not
 visible. What was fused and what was left, and why, comes back as a ``FuseReport``.
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 import mxnet as mx
 from mxnet.gluon import Block, HybridBlock, nn
 
-from .nn import ConvBNReLU1D
+from .nn import ConvBN1D, ConvBNReLU1D
 
 _PARAM_MAP_ATTR = "_fusedres_param_map"
 
@@ -23,7 +26,7 @@ class FuseReport:
     left: list = field(default_factory=list)   # (path, reason)
 
     def __str__(self):
-        lines = [f"fused {len(self.fused)} Conv1D->BatchNorm->relu run(s)"]
+        lines = [f"fused {len(self.fused)} Conv1D->BatchNorm(->relu) run(s)"]
         lines += [f"  {path}: {what}" for path, what in self.fused]
         if self.left:
             lines.append(f"left {len(self.left)} unchanged")
@@ -49,9 +52,8 @@ def _is_relu(block):
     return False
 
 
-def _why_not(conv, bn, act):
-    """None when conv -> bn -> act (act may be None if bn applies relu itself) can be fused,
-    else the reason."""
+def _why_not(conv, bn):
+    """None when conv -> bn can be fused (with or without a following relu), else why not."""
     if not isinstance(conv, nn.Conv1D):
         return "not a Conv1D"
     if conv._kwargs["layout"] != "NCW":
@@ -64,10 +66,6 @@ def _why_not(conv, bn, act):
         return f"BatchNorm axis={bn._kwargs['axis']} (the channel axis of NCW is 1)"
     if bn._kwargs["fix_gamma"]:
         return "BatchNorm(scale=False) fixes gamma to 1; not supported by the fused op"
-    if act is None and not bn.fuse_relu:
-        return "BatchNorm is not followed by a relu block"
-    if act is not None and not _is_relu(act):
-        return f"BatchNorm is followed by {act!r}, not relu"
     return None
 
 
@@ -84,9 +82,10 @@ def _copy_param(src, dst):
         dst.initialize(init=init, ctx=ctx, default_init=default_init)
 
 
-def _fused_from(conv, bn, origin):
+def _fused_from(conv, bn, relu, origin):
+    """ConvBNReLU1D (relu) or ConvBN1D with conv's and bn's parameters."""
     k = conv._kwargs
-    fused = ConvBNReLU1D(
+    fused = (ConvBNReLU1D if relu else ConvBN1D)(
         conv._channels, k["kernel"], strides=k["stride"], padding=k["pad"],
         dilation=k["dilate"], groups=k["num_group"], use_bias=not k["no_bias"],
         momentum=bn._kwargs["momentum"], epsilon=bn._kwargs["eps"],
@@ -102,10 +101,12 @@ def _fused_from(conv, bn, origin):
     return fused
 
 
-def _describe(conv, act):
+def _describe(conv, bn, act):
     k = conv._kwargs
-    return (f"{conv.name} -> BatchNorm -> {'relu' if act is None else act.name} "
-            f"({conv._channels} channels, kernel {k['kernel'][0]}) as ConvBNReLU1D")
+    relu = act is not None or bn.fuse_relu
+    chain = f"{conv.name} -> {bn.name}" + (f" -> {act.name if act else 'relu'}" if relu else "")
+    return (f"{chain} ({conv._channels} channels, kernel {k['kernel'][0]}) as "
+            f"{'ConvBNReLU1D' if relu else 'ConvBN1D'}")
 
 
 def _fuse_sequential(seq, path, report, origin, calls):
@@ -117,10 +118,11 @@ def _fuse_sequential(seq, path, report, origin, calls):
         bn = nxt[0] if nxt else None
         act = nxt[1] if len(nxt) > 1 and _is_relu(nxt[1]) else None
         if isinstance(child, nn.Conv1D):
-            why = _why_not(child, bn, act)
+            why = _why_not(child, bn)
             if why is None:
-                report.fused.append((f"{path}{i}", _describe(child, act)))
-                out.append(_fused_from(child, bn, origin))
+                relu = act is not None or bn.fuse_relu
+                report.fused.append((f"{path}{i}", _describe(child, bn, act)))
+                out.append(_fused_from(child, bn, relu, origin))
                 i += 3 if act is not None else 2
                 continue
             report.left.append((f"{path}{i}", why))
@@ -167,9 +169,9 @@ def _walk(block):
 
 
 def _fuse_custom(block, path, report, origin, calls):
-    """Among a custom Block's children: a conv whose only consumer is a BatchNorm whose only
-    consumer is a relu block, each called once, becomes the fused block; the other two become
-    identities, so the unchanged forward code computes the fused result."""
+    """Among a custom Block's children: a conv whose only consumer is a BatchNorm (and that
+    BatchNorm's only consumer a relu block), each called once, becomes the fused block; the
+    others become identities, so the unchanged forward code computes the fused result."""
     children = list(block._children.items())
     if calls is None:
         for name, child in children:
@@ -196,16 +198,14 @@ def _fuse_custom(block, path, report, origin, calls):
             continue
         bn_entry = by_id.get(only_consumer(conv))
         bn = bn_entry[1] if bn_entry else None
-        act_entry = by_id.get(only_consumer(bn)) if bn is not None else None
-        act = act_entry[1] if act_entry and _is_relu(act_entry[1]) else None
-        why = _why_not(conv, bn, act)
-        if why is None and act is None and only_consumer(bn) is not None:
-            why = "BatchNorm(fuse_relu=True) output feeds another block"
+        why = _why_not(conv, bn)
         if why is not None:
             report.left.append((f"{path}{name}", why + " (as traced)"))
             continue
-        report.fused.append((f"{path}{name}", _describe(conv, act)))
-        _set_child(block, name, _fused_from(conv, bn, origin))
+        act_entry = by_id.get(only_consumer(bn))
+        act = act_entry[1] if act_entry and _is_relu(act_entry[1]) and not bn.fuse_relu else None
+        report.fused.append((f"{path}{name}", _describe(conv, bn, act)))
+        _set_child(block, name, _fused_from(conv, bn, act is not None or bn.fuse_relu, origin))
         _set_child(block, bn_entry[0], _Identity(prefix=bn.prefix))
         if act is not None:
             _set_child(block, act_entry[0], _Identity(prefix=act.prefix))
@@ -228,7 +228,7 @@ def _fuse_tree(block, path, report, origin, calls):
 
 
 def fuse(net, sample=None):
-    """Replace every fusable ``Conv1D -> BatchNorm -> relu`` run in ``net`` in place.
+    """Replace every fusable ``Conv1D -> BatchNorm (-> relu)`` run in ``net`` in place.
 
     Parameters
     ----------

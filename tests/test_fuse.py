@@ -7,7 +7,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import fusedres
-from fusedres.nn import ConvBNReLU1D
+from fusedres.nn import ConvBN1D, ConvBNReLU1D
 
 # Channel counts off multiples of 8: the stock model must train too, to be compared with.
 
@@ -44,7 +44,7 @@ class _Res(gluon.HybridBlock):
             self.bn = nn.BatchNorm()
             self.act = nn.Activation("relu")
             self.conv2 = nn.Conv1D(5, 3, padding=1)
-            self.bn2 = nn.BatchNorm()   # output joins the skip before relu: not fusable
+            self.bn2 = nn.BatchNorm()   # joins the skip before relu: fused as ConvBN1D
 
     def hybrid_forward(self, F, x):
         y = self.bn2(self.conv2(self.act(self.bn(self.conv(x)))))
@@ -121,9 +121,10 @@ def test_fuse_custom_blocks_with_sample():
 
     stock, fused = _clone(make, x)
     report = fusedres.fuse(fused, sample=x)
-    assert [p for p, _ in report.fused] == ["0.conv", "1.conv"], str(report)
-    assert any(p == "1.conv2" and "not followed by a relu" in why for p, why in report.left)
+    assert [p for p, _ in report.fused] == ["0.conv", "1.conv", "1.conv2"], str(report)
+    assert not report.left, str(report)
     assert isinstance(fused[0].conv, ConvBNReLU1D)
+    assert isinstance(fused[1].conv2, ConvBN1D) and "as ConvBN1D" in str(report)
     _compare(stock, fused, x, fused._fusedres_param_map)
 
 

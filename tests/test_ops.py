@@ -14,12 +14,13 @@ DTYPES = [np.float32, np.float64]
 GRAD_NAMES = ["data", "weight", "bias", "gamma", "beta"]
 
 
-def _reference(inp, conv, training=True, use_global_stats=False, seed=1):
+def _reference(inp, conv, training=True, use_global_stats=False, seed=1, relu=True):
     f64 = {k: None if v is None else v.astype(np.float64) for k, v in inp.items()}
     y, cache, rm, rv = R.conv1d_bn_relu_forward(
         f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"],
         f64["running_mean"], f64["running_var"], conv["stride"], conv["pad"], conv["dilate"],
-        conv["num_group"], 1e-5, MOMENTUM, training=training, use_global_stats=use_global_stats)
+        conv["num_group"], 1e-5, MOMENTUM, training=training, use_global_stats=use_global_stats,
+        relu=relu)
     dy = np.random.default_rng(seed).standard_normal(y.shape)
     dy = away_from_kink(dy, cache["pre"])
     grads = R.conv1d_bn_relu_backward(dy, cache)
@@ -34,17 +35,17 @@ def _nd(inp, grad_req="write"):
     return arrs
 
 
-def _fused(arrs, conv, dy, train_mode=True, use_global_stats=False):
+def _fused(arrs, conv, dy, train_mode=True, use_global_stats=False, relu=True):
     with autograd.record(train_mode=train_mode):
         y = fusedres.conv1d_bn_relu(
             arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"], arrs["beta"],
             arrs["running_mean"], arrs["running_var"], use_global_stats=use_global_stats,
-            **conv)
+            relu=relu, **conv)
     y.backward(mx.nd.array(dy, dtype=y.dtype))
     return y
 
 
-def _stock(arrs, conv, dy, use_global_stats=False):
+def _stock(arrs, conv, dy, use_global_stats=False, relu=True):
     """MXNet's own Convolution + BatchNorm + relu, run as a (1, k) 2-D conv: the 1-D route
     crashes in backward with MKLDNN on (see FACTS.md); the math is identical."""
     n, c, w = arrs["data"].shape
@@ -58,7 +59,7 @@ def _stock(arrs, conv, dy, use_global_stats=False):
         z = mx.nd.BatchNorm(z, arrs["gamma"], arrs["beta"], arrs["running_mean"],
                             arrs["running_var"], fix_gamma=False, eps=1e-5, momentum=0.9,
                             use_global_stats=use_global_stats)
-        y = mx.nd.relu(z)
+        y = mx.nd.relu(z) if relu else z
         y = y.reshape((n, conv["num_filter"], -1))
     y.backward(mx.nd.array(dy, dtype=y.dtype))
     return y
@@ -85,6 +86,26 @@ def test_training_step_matches_reference_and_stock(case, dtype):
     stock = _nd(inp)
     ys = _stock(stock, conv, dy)
     _assert_step(stock, ys, ref_y, grads, rm, rv, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_bn_without_relu(case, dtype):
+    """relu=False (ConvBN1D): conv + batchnorm alone, in training and inference."""
+    inp, conv = conv_inputs(case, dtype, seed=11)
+    ref_y, dy, grads, rm, rv = _reference(inp, conv, relu=False)
+    assert (ref_y < 0).any()
+    fused = _nd(inp)
+    y = _fused(fused, conv, dy, relu=False)
+    _assert_step(fused, y, ref_y, grads, rm, rv, dtype)
+    stock = _nd(inp)
+    _assert_step(stock, _stock(stock, conv, dy, relu=False), ref_y, grads, rm, rv, dtype)
+    ref_inf = _reference(inp, conv, training=False, relu=False)[0]
+    arrs = _nd(inp)
+    y = fusedres.conv1d_bn_relu(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"],
+                                arrs["beta"], arrs["running_mean"], arrs["running_var"],
+                                relu=False, **conv)
+    assert_close(y.asnumpy(), ref_inf, dtype, "inference output without relu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

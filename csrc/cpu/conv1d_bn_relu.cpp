@@ -41,38 +41,39 @@ template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, T* running_mean,
                                   T* running_var, double eps, double momentum,
-                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y) {
+                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
+                                  bool relu) {
   FUSEDRES_DISPATCH(forward_train(s, x, w, bias, gamma, beta, running_mean, running_var, eps,
-                                  momentum, use_batch_stats, z, mean, invstd, y))
+                                  momentum, use_batch_stats, z, mean, invstd, y, relu))
 }
 
 template <typename T>
 void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, const T* running_mean,
-                                  const T* running_var, double eps, T* y) {
+                                  const T* running_var, double eps, T* y, bool relu) {
   FUSEDRES_DISPATCH(
-      forward_infer(s, x, w, bias, gamma, beta, running_mean, running_var, eps, y))
+      forward_infer(s, x, w, bias, gamma, beta, running_mean, running_var, eps, y, relu))
 }
 
 template <typename T>
 void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x,
                              const T* w, const T* z, const T* gamma, const T* beta,
                              const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
-                             T* dgamma, T* dbeta) {
+                             T* dgamma, T* dbeta, bool relu) {
   FUSEDRES_DISPATCH(backward(s, batch_stats, dy, x, w, z, gamma, beta, mean, invstd, dx, dw,
-                             dbias, dgamma, dbeta))
+                             dbias, dgamma, dbeta, relu))
 }
 
 #define FUSEDRES_INSTANTIATE(T)                                                              \
   template void conv1d_bn_relu_forward_train<T>(const Conv1dShape&, const T*, const T*,      \
                                                 const T*, const T*, const T*, T*, T*, double, \
-                                                double, bool, T*, T*, T*, T*);               \
+                                                double, bool, T*, T*, T*, T*, bool);         \
   template void conv1d_bn_relu_forward_infer<T>(const Conv1dShape&, const T*, const T*,      \
                                                 const T*, const T*, const T*, const T*,      \
-                                                const T*, double, T*);                       \
+                                                const T*, double, T*, bool);                 \
   template void conv1d_bn_relu_backward<T>(const Conv1dShape&, bool, const T*, const T*,     \
                                            const T*, const T*, const T*, const T*, const T*, \
-                                           const T*, T*, T*, T*, T*, T*);
+                                           const T*, T*, T*, T*, T*, T*, bool);
 FUSEDRES_INSTANTIATE(float)
 FUSEDRES_INSTANTIATE(double)
 

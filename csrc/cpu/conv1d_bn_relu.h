@@ -12,6 +12,8 @@ struct Conv1dShape {
   int64_t Lout() const { return (L + 2 * pad - dilation * (K - 1) - 1) / stride + 1; }
 };
 
+// relu = false everywhere below gives conv + batchnorm alone (no relu, no mask).
+
 // Training forward (or any forward that keeps what backward needs).
 // z:      conv output before normalization, (N, Cout, Lout), saved for backward.
 // mean, invstd: per-channel statistics used to normalize, saved for backward.
@@ -23,13 +25,14 @@ template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, T* running_mean,
                                   T* running_var, double eps, double momentum,
-                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y);
+                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
+                                  bool relu = true);
 
 // Inference forward: batchnorm folded into the conv weights, relu in the epilogue, one pass.
 template <typename T>
 void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, const T* running_mean,
-                                  const T* running_var, double eps, T* y);
+                                  const T* running_var, double eps, T* y, bool relu = true);
 
 // Backward from what forward_train saved. Any gradient pointer may be null (not wanted).
 // batch_stats must match the forward: with batch statistics the gradient flows through
@@ -38,6 +41,6 @@ template <typename T>
 void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x,
                              const T* w, const T* z, const T* gamma, const T* beta,
                              const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
-                             T* dgamma, T* dbeta);
+                             T* dgamma, T* dbeta, bool relu = true);
 
 }  // namespace fusedres

@@ -427,11 +427,11 @@ i64 packed_size_forward(const Conv1dShape& s) {
   return G * cdiv(cout_g, V::MR) * V::MR * s.K * cin_g;
 }
 
-// y = relu(z * a + b) per channel, parallel over rows.
+// y = relu(z * a + b) per channel (z * a + b without relu), parallel over rows.
 template <class V>
 void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename V::T* gamma,
                     const typename V::T* beta, const typename V::T* mean,
-                    const typename V::T* invstd, typename V::T* y) {
+                    const typename V::T* invstd, typename V::T* y, bool relu) {
   using T = typename V::T;
   using reg = typename V::reg;
   constexpr int W = V::W;
@@ -445,10 +445,16 @@ void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename
     const T* zr = z + row * Lo;
     T* yr = y + row * Lo;
     i64 l = 0;
-    for (; l + W <= Lo; l += W) V::store(yr + l, V::max(V::fma(V::load(zr + l), av, bvv), zero));
+    if (relu) {
+      for (; l + W <= Lo; l += W)
+        V::store(yr + l, V::max(V::fma(V::load(zr + l), av, bvv), zero));
+    } else {
+      for (; l + W <= Lo; l += W) V::store(yr + l, V::fma(V::load(zr + l), av, bvv));
+    }
     if (l < Lo) {
       const auto m = V::range(0, int(Lo - l));
-      V::storem(yr + l, V::max(V::fma(V::loadm(zr + l, m), av, bvv), zero), m);
+      const reg v = V::fma(V::loadm(zr + l, m), av, bvv);
+      V::storem(yr + l, relu ? V::max(v, zero) : v, m);
     }
   }
 }
@@ -457,7 +463,7 @@ template <typename T>
 void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                         const T* gamma, const T* beta, T* running_mean, T* running_var,
                         double eps, double momentum, bool use_batch_stats, T* z, T* mean,
-                        T* invstd, T* y) {
+                        T* invstd, T* y, bool relu) {
   using V = typename VecOf<T>::type;
   const i64 Lo = s.Lout();
   Buf<T> wp(packed_size_forward<V>(s));
@@ -496,13 +502,13 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
       invstd[co] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[co]) + eps));
     }
   }
-  normalize_relu<V>(s, z, gamma, beta, mean, invstd, y);
+  normalize_relu<V>(s, z, gamma, beta, mean, invstd, y, relu);
 }
 
 template <typename T>
 void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                         const T* gamma, const T* beta, const T* running_mean,
-                        const T* running_var, double eps, T* y) {
+                        const T* running_var, double eps, T* y, bool relu) {
   using V = typename VecOf<T>::type;
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
@@ -520,7 +526,10 @@ void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
     return static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
   });
   const Chunks ch = make_chunks(s.N, s.Lout(), V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
-  conv_forward_all<V, E_RELU>(s, x, wp.p, bf.p, y, nullptr, ch);
+  if (relu)
+    conv_forward_all<V, E_RELU>(s, x, wp.p, bf.p, y, nullptr, ch);
+  else
+    conv_forward_all<V, E_STORE>(s, x, wp.p, bf.p, y, nullptr, ch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,7 +599,7 @@ void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr,
 template <typename T>
 void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x, const T* w,
                    const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,
-                   T* dx, T* dw, T* dbias, T* dgamma, T* dbeta) {
+                   T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {
   using V = typename VecOf<T>::type;
   using reg = typename V::reg;
   constexpr int W = V::W;
@@ -599,7 +608,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   const bool need_dz = dx || dw || dbias;
   if (!(need_dz || dgamma || dbeta)) return;
 
-  // Pass A: per row sum(g), sum(g * xhat), g = dy * relu'(z * a + b).
+  // Pass A: per row sum(g), sum(g * xhat), g = dy * relu'(z * a + b) (g = dy without relu).
   Buf<double> part(rows * 2);
 #pragma omp parallel for schedule(static)
   for (i64 row = 0; row < rows; ++row) {
@@ -616,14 +625,16 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       i64 l = l0;
       for (; l + W <= l1; l += W) {
         const reg zv = V::load(zr + l);
-        const reg g = V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l));
+        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l))
+                           : V::load(gr + l);
         s1 = V::add(s1, g);
         s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
       }
       if (l < l1) {
         const auto m = V::range(0, int(l1 - l));
         const reg zv = V::loadm(zr + l, m);
-        const reg g = V::maskz(V::mand(m, V::gt0(V::fma(zv, av, bv))), V::loadm(gr + l, m));
+        const reg g = relu ? V::maskz(V::mand(m, V::gt0(V::fma(zv, av, bv))), V::loadm(gr + l, m))
+                           : V::loadm(gr + l, m);
         s1 = V::add(s1, g);
         s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
       }
@@ -670,7 +681,8 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       i64 l = l0;
       for (; l + W <= l1; l += W) {
         const reg zv = V::load(zr + l);
-        const reg g = V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l));
+        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l))
+                           : V::load(gr + l);
         const reg d = V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)));
         V::store(dr + l, d);
         s1 = V::add(s1, d);
@@ -678,7 +690,8 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       if (l < l1) {
         const auto m = V::range(0, int(l1 - l));
         const reg zv = V::loadm(zr + l, m);
-        const reg g = V::maskz(V::gt0(V::fma(zv, av, bv)), V::loadm(gr + l, m));
+        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::loadm(gr + l, m))
+                           : V::loadm(gr + l, m);
         const reg d = V::maskz(m, V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0))));
         V::storem(dr + l, d, m);
         s1 = V::add(s1, d);
@@ -846,20 +859,20 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
 #define FUSEDRES_ISA_DEFINE(T)                                                                \
   void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,              \
                      const T* gamma, const T* beta, T* rm, T* rv, double eps, double mom,      \
-                     bool ubs, T* z, T* mean, T* invstd, T* y) {                                \
+                     bool ubs, T* z, T* mean, T* invstd, T* y, bool relu) {                     \
     forward_train_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd,  \
-                          y);                                                                   \
+                          y, relu);                                                             \
   }                                                                                             \
   void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,              \
                      const T* gamma, const T* beta, const T* rm, const T* rv, double eps,      \
-                     T* y) {                                                                    \
-    forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y);                          \
+                     T* y, bool relu) {                                                         \
+    forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                    \
   }                                                                                             \
   void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w,            \
                 const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,     \
-                T* dx, T* dw, T* dbias, T* dgamma, T* dbeta) {                                  \
+                T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {                       \
     backward_impl<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma,      \
-                     dbeta);                                                                    \
+                     dbeta, relu);                                                              \
   }
 
 FUSEDRES_ISA_DEFINE(float)

@@ -200,10 +200,10 @@ bool parse_float(const Attrs& attrs, const char* name, double dflt, double* out)
   return true;
 }
 
-bool parse_bool(const Attrs& attrs, const char* name, bool* out) {
+bool parse_bool(const Attrs& attrs, const char* name, bool* out, bool fallback = false) {
   auto it = attrs.find(name);
   if (it == attrs.end()) {
-    *out = false;
+    *out = fallback;
     return true;
   }
   std::string s = strip(it->second);
@@ -246,7 +246,7 @@ bool shape_known(const std::vector<unsigned>& s) {
 // ---------------------------------------------------------------- conv1d + bn + relu
 struct ConvParams {
   int64_t num_filter, kernel, stride, pad, dilate, num_group;
-  bool no_bias, use_global_stats;
+  bool no_bias, use_global_stats, relu;
   double eps, momentum;
   int num_inputs() const { return no_bias ? 6 : 7; }
 };
@@ -256,7 +256,7 @@ const char* kConvOp = "_fusedres_conv1d_bn_relu";
 bool parse_conv(const Attrs& attrs, ConvParams* p) {
   if (!check_known_attrs(attrs, {"kernel", "num_filter", "stride", "pad", "dilate",
                                  "num_group", "no_bias", "eps", "momentum",
-                                 "use_global_stats"}, kConvOp))
+                                 "use_global_stats", "relu"}, kConvOp))
     return false;
   if (!parse_int(attrs, "num_filter", 1, true, 0, &p->num_filter)) return false;
   if (!parse_int(attrs, "kernel", 1, true, 0, &p->kernel)) return false;
@@ -266,8 +266,11 @@ bool parse_conv(const Attrs& attrs, ConvParams* p) {
   if (!parse_int(attrs, "num_group", 1, false, 1, &p->num_group)) return false;
   if (!parse_bool(attrs, "no_bias", &p->no_bias)) return false;
   if (!parse_bool(attrs, "use_global_stats", &p->use_global_stats)) return false;
+  if (!parse_bool(attrs, "relu", &p->relu, true)) return false;
   if (!parse_float(attrs, "eps", 1e-5, &p->eps)) return false;
   if (!parse_float(attrs, "momentum", 0.9, &p->momentum)) return false;
+  // MXNet's BatchNorm holds momentum as a C float; round the same way, as the CustomOp does.
+  p->momentum = static_cast<double>(static_cast<float>(p->momentum));
   if (!(p->eps > 0)) {
     MX_ERROR_MSG << "eps must be > 0, got " << p->eps;
     return false;
@@ -540,7 +543,7 @@ class ConvBNReLUState : public CustomStatefulOp {
     fusedres::conv1d_bn_relu_forward_train<T>(
         s, ins[off].data<T>(), ins[off + 1].data<T>(), bias, ins[off + 2 + nb].data<T>(),
         ins[off + 3 + nb].data<T>(), ins[off + 4 + nb].data<T>(), ins[off + 5 + nb].data<T>(),
-        p_.eps, p_.momentum, batch_stats, z, mean, invstd, y);
+        p_.eps, p_.momentum, batch_stats, z, mean, invstd, y, p_.relu);
     have_saved_ = true;
     batch_stats_ = batch_stats;
   }
@@ -557,7 +560,7 @@ class ConvBNReLUState : public CustomStatefulOp {
       const T* bias = p_.no_bias ? nullptr : in[2].data<T>();
       fusedres::conv1d_bn_relu_forward_infer<T>(
           s, in[0].data<T>(), in[1].data<T>(), bias, in[2 + nb].data<T>(), in[3 + nb].data<T>(),
-          in[4 + nb].data<T>(), in[5 + nb].data<T>(), p_.eps, y);
+          in[4 + nb].data<T>(), in[5 + nb].data<T>(), p_.eps, y, p_.relu);
       have_saved_ = false;
     }
     return MX_SUCCESS;
@@ -577,7 +580,7 @@ class ConvBNReLUState : public CustomStatefulOp {
         s, batch_stats_, in[0].data<T>(), in[1].data<T>(), in[2].data<T>(),
         z_.as<T>(), in[3 + nb].data<T>(), in[4 + nb].data<T>(), mean_.as<T>(), invstd_.as<T>(),
         out[0].data<T>(), out[1].data<T>(), p_.no_bias ? nullptr : out[2].data<T>(),
-        out[2 + nb].data<T>(), out[3 + nb].data<T>());
+        out[2 + nb].data<T>(), out[3 + nb].data<T>(), p_.relu);
     // The saved tensors stay: a second backward (retain_graph=True) needs them again; they
     // go with the state when MXNet drops the recorded graph.
     return MX_SUCCESS;

@@ -1,4 +1,6 @@
 """Gluon blocks built on the fused ops."""
-from .basic import AddReLU, ConvBNReLU1D
+from .basic import AddReLU, ConvBN1D, ConvBNReLU1D
+from .residual import BasicBlock1D, ResidualBlock1D, SkipConnection
 
-__all__ = ["ConvBNReLU1D", "AddReLU"]
+__all__ = ["ConvBNReLU1D", "ConvBN1D", "AddReLU", "ResidualBlock1D", "BasicBlock1D",
+           "SkipConnection"]

@@ -52,6 +52,8 @@ class ConvBNReLU1D(_TranslatingBlock):
         Normalize with the running statistics in training too.
     in_channels : int, default 0
         Input channels; 0 means infer from the first input.
+    activation : 'relu' or None, default 'relu'
+        None gives Conv1D -> BatchNorm alone (see ``ConvBN1D``), e.g. before a residual join.
     weight_initializer, bias_initializer, gamma_initializer, beta_initializer,
     running_mean_initializer, running_variance_initializer
         As in ``nn.Conv1D`` and ``nn.BatchNorm``.
@@ -67,11 +69,14 @@ class ConvBNReLU1D(_TranslatingBlock):
 
     def __init__(self, channels, kernel_size, strides=1, padding=0, dilation=1, groups=1,
                  use_bias=True, momentum=0.9, epsilon=1e-5, use_global_stats=False,
-                 in_channels=0, layout="NCW", weight_initializer=None,
+                 in_channels=0, activation="relu", layout="NCW", weight_initializer=None,
                  bias_initializer="zeros", gamma_initializer="ones", beta_initializer="zeros",
                  running_mean_initializer="zeros", running_variance_initializer="ones",
                  **kwargs):
         super().__init__(**kwargs)
+        if activation not in ("relu", None):
+            raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
+        self._relu = activation == "relu"
         if layout != "NCW":
             raise ValueError(f"layout must be 'NCW', got {layout!r}")
         self._channels = _single(channels, "channels")
@@ -118,7 +123,8 @@ class ConvBNReLU1D(_TranslatingBlock):
             x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,
             num_filter=self._channels, stride=self._stride, pad=self._pad,
             dilate=self._dilate, num_group=self._groups, eps=self._epsilon,
-            momentum=self._momentum, use_global_stats=self._use_global_stats, name="fwd", F=F)
+            momentum=self._momentum, use_global_stats=self._use_global_stats, relu=self._relu,
+            name="fwd", F=F)
 
     def __repr__(self):
         in_ch = self.weight.shape[1] * self._groups if self.weight.shape[1] else None
@@ -136,6 +142,19 @@ class ConvBNReLU1D(_TranslatingBlock):
         if self._use_global_stats:
             s += ", use_global_stats=True"
         return s + ")"
+
+
+class ConvBN1D(ConvBNReLU1D):
+    """Fused ``Conv1D -> BatchNorm`` without the relu: ``ConvBNReLU1D(activation=None)``.
+
+    Used where the relu comes after a residual join (``ResidualBlock1D``'s last conv and its
+    projection shortcut). Same parameters as ``ConvBNReLU1D`` except ``activation``.
+    """
+
+    def __init__(self, channels, kernel_size, **kwargs):
+        if "activation" in kwargs:
+            raise TypeError("ConvBN1D has no activation; use ConvBNReLU1D")
+        super().__init__(channels, kernel_size, activation=None, **kwargs)
 
 
 class AddReLU(_TranslatingBlock):

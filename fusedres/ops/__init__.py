@@ -2,11 +2,18 @@
 
 Importing this package registers ``fusedres_conv1d_bn_relu`` and ``fusedres_add_relu``.
 """
+import atexit
+
 import mxnet as mx
 
 from . import add_relu as _add_relu_op
 from . import conv1d_bn_relu as _conv_op
 from ._common import translate_errors
+
+# A CustomOp still queued when Python exits runs its callback during interpreter teardown,
+# which hangs or crashes MXNet's shutdown. Registered after MXNet's own exit hook, this runs
+# first and lets queued work finish while Python is still whole.
+atexit.register(mx.nd.waitall)
 
 CONV1D_BN_RELU = _conv_op.OP_NAME
 ADD_RELU = _add_relu_op.OP_NAME
@@ -25,11 +32,11 @@ def _invoke(F, *args, **kwargs):
 
 def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
                    num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
-                   use_global_stats=False, name=None, F=None):
+                   use_global_stats=False, relu=True, name=None, F=None):
     """relu(BatchNorm(Convolution(data))) fused, for NDArrays or Symbols.
 
     Mirrors ``Convolution(kernel=(k,), ...)`` followed by ``BatchNorm(fix_gamma=False, ...)``
-    and ``relu``. ``bias=None`` means no conv bias. With autograd in training mode (or a
+    and ``relu`` (``relu=False``: no relu). ``bias=None`` means no conv bias. With autograd in training mode (or a
     Symbol executor with ``is_train=True``) the batch statistics normalize and the running
     statistics are updated in place; otherwise the running statistics are used.
     """
@@ -38,10 +45,24 @@ def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *
                                                                running_var]
     kw = dict(op_type=CONV1D_BN_RELU, kernel=kernel, num_filter=num_filter, stride=stride,
               pad=pad, dilate=dilate, num_group=num_group, no_bias=bias is None, eps=eps,
-              momentum=momentum, use_global_stats=use_global_stats)
+              momentum=momentum, use_global_stats=use_global_stats, relu=relu)
     if name is not None:
         kw["name"] = name
     return _invoke(F, *args, **kw)
+
+
+def conv1d_bn_relu_symbol(data, *, num_filter, kernel, name, no_bias=False, **kwargs):
+    """Symbol API form: ``conv1d_bn_relu`` with its parameters declared as Variables
+    ``{name}_weight``, ``{name}_bias`` (unless no_bias), ``{name}_gamma``, ``{name}_beta`` and
+    the auxiliary states ``{name}_running_mean`` (zeros) and ``{name}_running_var`` (ones),
+    so that ``mx.mod.Module.init_params`` sets them all up. Other keyword arguments as in
+    ``conv1d_bn_relu``."""
+    v = mx.sym.Variable
+    return conv1d_bn_relu(
+        data, v(f"{name}_weight"), None if no_bias else v(f"{name}_bias"), v(f"{name}_gamma"),
+        v(f"{name}_beta"), v(f"{name}_running_mean", init=mx.init.Zero()),
+        v(f"{name}_running_var", init=mx.init.One()), kernel=kernel, num_filter=num_filter,
+        name=name, F=mx.sym, **kwargs)
 
 
 def add_relu(lhs, rhs, name=None, F=None):
@@ -53,4 +74,4 @@ def add_relu(lhs, rhs, name=None, F=None):
     return _invoke(F, lhs, rhs, **kw)
 
 
-__all__ = ["conv1d_bn_relu", "add_relu", "CONV1D_BN_RELU", "ADD_RELU", "translate_errors"]
+__all__ = ["conv1d_bn_relu", "conv1d_bn_relu_symbol", "add_relu", "CONV1D_BN_RELU", "ADD_RELU", "translate_errors"]

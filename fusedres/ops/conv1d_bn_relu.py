@@ -2,8 +2,12 @@
 
 Arguments: data (N, C, W), weight (num_filter, C / num_group, kernel), bias (num_filter,)
 unless no_bias, gamma, beta (num_filter,). Auxiliary states: running_mean, running_var.
+(MXNet's Initializer cannot set up auxiliary states that ``mx.sym.Custom`` creates, because it
+reads their initial values from attributes only built-in ops can attach: build symbols with
+``fusedres.ops.conv1d_bn_relu_symbol``, which declares them with their initializers.)
 Parameter names follow MXNet's Convolution and BatchNorm (kernel, stride, pad, dilate,
-num_filter, num_group, no_bias, eps, momentum, use_global_stats).
+num_filter, num_group, no_bias, eps, momentum, use_global_stats); ``relu=False`` leaves
+out the relu (conv + batchnorm alone).
 """
 import mxnet as mx
 import numpy as np
@@ -36,7 +40,8 @@ class Conv1dBNReLU(mx.operator.CustomOp):
 
     def _conv_args(self):
         p = self.p
-        return dict(stride=p.stride, pad=p.pad, dilation=p.dilate, groups=p.num_group)
+        return dict(stride=p.stride, pad=p.pad, dilation=p.dilate, groups=p.num_group,
+                    relu=p.relu)
 
     def _inputs(self, in_data):
         v = self.backend.view
@@ -108,10 +113,12 @@ class Conv1dBNReLU(mx.operator.CustomOp):
 @mx.operator.register(OP_NAME)
 class Conv1dBNReLUProp(mx.operator.CustomOpProp):
     def __init__(self, num_filter, kernel, stride="1", pad="0", dilate="1", num_group="1",
-                 no_bias="False", eps="1e-5", momentum="0.9", use_global_stats="False"):
+                 no_bias="False", eps="1e-5", momentum="0.9", use_global_stats="False",
+                 relu="True"):
         super().__init__(need_top_grad=True)
         self.no_bias = parse_bool(no_bias)
         self.use_global_stats = parse_bool(use_global_stats)
+        self.relu = parse_bool(relu)
         # An exception raised here would escape MXNet's creator callback and crash the
         # process, so a bad hyper-parameter is kept and raised from infer_shape instead.
         self.error = None

@@ -159,7 +159,7 @@ def _invoke(F, op_name, *args, **kwargs):
 
 def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
                    num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
-                   use_global_stats=False, name=None, F=None):
+                   use_global_stats=False, relu=True, name=None, F=None):
     """Native relu(BatchNorm(Convolution(data))): same signature and semantics as
     :func:`fusedres.ops.conv1d_bn_relu` (see this module's notes on req and training mode)."""
     F = F or _namespace(data)
@@ -167,7 +167,7 @@ def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *
                                                                running_var]
     kw = dict(kernel=kernel, num_filter=num_filter, stride=stride, pad=pad, dilate=dilate,
               num_group=num_group, no_bias=bias is None, eps=eps, momentum=momentum,
-              use_global_stats=use_global_stats)
+              use_global_stats=use_global_stats, relu=relu)
     if name is not None:
         kw["name"] = name
     return _invoke(F, CONV1D_BN_RELU, *args, **kw)
