@@ -29,3 +29,13 @@ bench: setup
 
 clean:
 	rm -rf build dist *.egg-info fusedres/_C*.so $(VENV)
+
+# Release artifacts: dist/fusedres-*.tar.gz and a manylinux2014 wheel built from it (zig's clang,
+# NVRTC cubins for sm_70..sm_90; see tools/build_wheel.sh). Needs only PyPI.
+.PHONY: wheel wheel-check
+wheel:
+	PYTHON=$(PYTHON) bash tools/build_wheel.sh
+
+# The wheel in a fresh venv, away from the source tree: smoke checks, python -m fusedres, tests.
+wheel-check: wheel
+	PYTHON=$(PYTHON) bash tools/check_wheel.sh

@@ -1,8 +1,8 @@
 """CUDA kernels for fusedres, through CuPy: the only module that imports CuPy.
 
-Kernels live in ``csrc/cuda/*.cu``. At run time the cubin shipped in ``fusedres/cubins``
-(``tools/build_cubins.py``, NVRTC 11.8) for the device's compute capability is loaded; without
-one the source is compiled by CuPy's NVRTC (source checkouts only) and cached.
+Kernels live in ``csrc/cuda/*.cu`` (shipped in wheels as ``fusedres/cuda_src/``). At run time
+the cubin shipped in ``fusedres/cubins`` (``tools/build_cubins.py``, NVRTC 11.8) for the device's
+compute capability is loaded; without one the source is compiled by CuPy's NVRTC and cached.
 
 The functions mirror the CPU binding ``fusedres._C`` on CuPy arrays: same names, arguments and
 checks (ValueError/TypeError naming the argument), outputs written in place. Data may be float32
@@ -25,7 +25,9 @@ import numpy as np
 
 _PKG = Path(__file__).resolve().parent
 CUBIN_DIR = _PKG / "cubins"
-SOURCE_DIR = _PKG.parent / "csrc" / "cuda"
+SOURCE_DIR = _PKG.parent / "csrc" / "cuda"        # a source checkout
+if not SOURCE_DIR.is_dir():
+    SOURCE_DIR = _PKG / "cuda_src"                 # an installed wheel ships them as package data
 NVRTC_OPTIONS = ("-std=c++17", "-DNDEBUG")
 
 # Entry points of each csrc/cuda/<name>.cu, as launched below (tests check the cubins have them).

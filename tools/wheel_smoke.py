@@ -1,0 +1,171 @@
+"""Checks an installed fusedres wheel (run by tools/check_wheel.sh in the wheel's venv).
+
+1. fusedres, fusedres._C and the CUDA sources/cubins come from site-packages, not a checkout;
+2. every cubin (csrc/cuda/<name>.cu x arch) is there, is an ELF cubin, and holds the kernels
+   fusedres.cuda launches;
+3. OpenMP: MXNet (system libgomp) and fusedres (its vendored libiomp5) in one process, both
+   multithreaded, results right; fusedres' omp_* / __kmpc_* calls bind to the vendored runtime
+   even when libgomp is in the global symbol scope (LD_PRELOAD, as some launchers do); another
+   libiomp5.so loaded first (FUSEDRES_FOREIGN_IOMP5) is shared rather than doubled;
+4. the optional native op library libfusedres_mxop.so, when the wheel has it, loads into MXNet.
+
+    python wheel_smoke.py ARCH [ARCH ...]      (the archs the wheel was built for)
+"""
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+SITE = os.path.realpath(sysconfig.get_paths()["platlib"])
+
+
+def under_site(path):
+    return os.path.realpath(path).startswith(SITE + os.sep)
+
+
+def check(ok, msg):
+    print(("  ok    " if ok else "  FAIL  ") + msg)
+    if not ok:
+        raise SystemExit(f"wheel_smoke: {msg}")
+
+
+def locations():
+    import mxnet  # noqa: F401  (first, as users do)
+    import fusedres
+    from fusedres import _C, cuda
+    print(f"fusedres {fusedres.__version__} from {os.path.dirname(fusedres.__file__)}")
+    check(under_site(fusedres.__file__), f"fusedres imported from site-packages ({SITE})")
+    check(under_site(_C.__file__), f"fusedres._C is the wheel's ({os.path.basename(_C.__file__)})")
+    check(under_site(cuda.SOURCE_DIR) and sorted(p.name for p in cuda.SOURCE_DIR.glob("*.cu"))
+          == sorted(f"{k}.cu" for k in cuda.KERNELS),
+          f"CUDA sources shipped in {cuda.SOURCE_DIR}")
+    return cuda
+
+
+def cubins(cuda, archs):
+    for name, kernels in cuda.KERNELS.items():
+        for arch in archs:
+            path = cuda.CUBIN_DIR / f"{name}.sm_{arch}.cubin"
+            data = path.read_bytes() if path.is_file() else b""
+            missing = [k for k in kernels if b"\0" + k.encode() + b"\0" not in data]
+            check(data[:4] == b"\x7fELF" and not missing,
+                  f"{path.name}: {len(data)} bytes, {len(kernels)} entry points"
+                  + (f" (missing {missing})" if missing else ""))
+    # The loader picks the right one per compute capability (same major, minor <= device's).
+    for cc, want in (((8, 9), "sm_86"), ((7, 0), "sm_70"), ((9, 0), "sm_90")):
+        if want[3:] in archs:
+            got = cuda._cubin_for("conv1d_bn_relu", *cc)
+            check(got is not None and want in got.name, f"sm_{cc[0]}{cc[1]} device loads {want}")
+
+
+OPENMP_RUN = textwrap.dedent("""
+    import os, re, sys
+    import numpy as np
+    import mxnet as mx
+    import fusedres
+    from fusedres import reference
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64, 512)); w = rng.standard_normal((64, 64, 3)) / 14
+    vec = [rng.standard_normal(64), rng.uniform(0.5, 1.5, 64), rng.standard_normal(64),
+           np.zeros(64), np.ones(64)]
+    want, cache, _, _ = reference.conv1d_bn_relu_forward(x, w, *vec, 1, 1)
+    dy = rng.standard_normal(want.shape) * (np.abs(cache["pre"]) > 1e-3)
+    gref = reference.conv1d_bn_relu_backward(dy, cache)
+    arrs = [mx.nd.array(a, dtype="float64") for a in [x, w] + vec]
+    for a in arrs[:2]:
+        a.attach_grad()
+    # Stock MXNet (libgomp) and fused (libiomp5) ops interleaved, several times.
+    for _ in range(3):
+        stock = mx.nd.Convolution(arrs[0], arrs[1], arrs[2], kernel=(3,), pad=(1,),
+                                  num_filter=64).asnumpy()
+        with mx.autograd.record():
+            y = fusedres.conv1d_bn_relu(*arrs, kernel=3, num_filter=64, pad=1)
+        y.backward(mx.nd.array(dy, dtype="float64"))
+    err = np.abs(y.asnumpy() - want).max() / np.abs(want).max()
+    gerr = max(np.abs(arrs[i].grad.asnumpy() - gref[n]).max() / np.abs(gref[n]).max()
+               for i, n in ((0, "data"), (1, "weight")))
+    maps = open("/proc/self/maps").read()
+    libs = sorted({os.path.basename(l.split()[-1]) for l in maps.splitlines()
+                   if re.match(r"lib(g|i)?omp", os.path.basename(l.split()[-1]))})
+    print(f"    OpenMP runtimes loaded: {libs}; forward error {err:.1e}, backward {gerr:.1e}")
+    iomp = sorted({l.split()[-1] for l in maps.splitlines()
+                   if os.path.basename(l.split()[-1]).startswith("libiomp5")})
+    print(f"    libiomp5 mapped from: {iomp}")
+    assert any("libgomp" in l for l in libs) and len(iomp) == 1, (libs, iomp)
+    assert err < 1e-10 and gerr < 1e-10 and np.isfinite(stock).all()
+""")
+
+
+def openmp():
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", OPENMP_RUN], env=env, capture_output=True,
+                          text=True, timeout=600)
+    print(proc.stdout.rstrip())
+    check(proc.returncode == 0, "mxnet then fusedres in one process, 2 OpenMP threads each, "
+                                "results match the reference" + ("" if proc.returncode == 0
+                                                                 else "\n" + proc.stderr[-3000:]))
+    # libgomp in the global scope: fusedres must still bind omp_* to its own libiomp5, since
+    # mixing runtimes (libgomp's omp_get_thread_num inside a libiomp5 team) gives wrong results.
+    gomp = next((p for p in ("/lib/x86_64-linux-gnu/libgomp.so.1", "/usr/lib64/libgomp.so.1",
+                             "/usr/lib/x86_64-linux-gnu/libgomp.so.1") if os.path.exists(p)), None)
+    if gomp is None:
+        print("  skip  no system libgomp.so.1 to preload")
+        return
+    env.update(LD_PRELOAD=gomp, LD_DEBUG="bindings")  # the dynamic linker logs to stderr
+    proc = subprocess.run([sys.executable, "-c", OPENMP_RUN], env=env, capture_output=True,
+                          text=True, timeout=600)
+    binds = [l for l in proc.stderr.splitlines() if "binding file" in l
+             and "/_C.cpython" in l.split(" to ")[0] and re.search(r"`(omp_|__kmpc_)", l)]
+    print(proc.stdout.rstrip())
+    wrong = [l.split(" to ")[1].strip() for l in binds if "libiomp5" not in l.split(" to ")[1]]
+    check(proc.returncode == 0 and binds and not wrong,
+          f"with LD_PRELOAD=libgomp, fusedres._C's {len(binds)} OpenMP symbols all bind to "
+          "its libiomp5" + (f"; wrong: {wrong[:3]}" if wrong else "" if binds else
+                            "; no binding seen")
+          + ("" if proc.returncode == 0 else "\n" + proc.stdout[-2000:]))
+
+
+def foreign_iomp5(path):
+    """Another libiomp5.so loaded first (MKL's in a conda env, say) must be shared, not doubled:
+    two copies of the runtime abort with "OMP: Error #15"."""
+    if not path or not os.path.exists(path):
+        print("  skip  no other libiomp5.so to load first")
+        return
+    code = f"import ctypes; ctypes.CDLL({path!r}, ctypes.RTLD_GLOBAL)\n" + OPENMP_RUN
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="2"),
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stdout.rstrip())
+    check(proc.returncode == 0 and "Error #15" not in proc.stderr,
+          f"{path} loaded first: one libiomp5 shared, no OMP Error #15"
+          + ("" if proc.returncode == 0 else "\n" + proc.stderr[-2000:]))
+
+
+def native_library():
+    import fusedres
+    lib = os.path.join(os.path.dirname(fusedres.__file__), "libfusedres_mxop.so")
+    if not os.path.exists(lib):
+        print("  skip  the wheel has no libfusedres_mxop.so")
+        return
+    proc = subprocess.run([sys.executable, "-c", f"import mxnet as mx; mx.library.load({lib!r})"],
+                          capture_output=True, text=True, timeout=300)
+    check(proc.returncode == 0, "mx.library.load(libfusedres_mxop.so)"
+          + ("" if proc.returncode == 0 else "\n" + proc.stderr[-3000:]))
+
+
+def main(archs):
+    print("locations:")
+    cuda = locations()
+    print("cubins:")
+    cubins(cuda, archs)
+    print("OpenMP beside MXNet:")
+    openmp()
+    foreign_iomp5(os.environ.get("FUSEDRES_FOREIGN_IOMP5"))
+    print("native op library:")
+    native_library()
+    print("wheel_smoke: all checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["70", "75", "80", "86", "90"])
