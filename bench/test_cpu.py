@@ -56,7 +56,7 @@ def test_add_relu(benchmark, results, backward):
     a_np, b_np = (np.random.standard_normal(shape).astype(np.float32) for _ in range(2))
     a, b = mx.nd.array(a_np), mx.nd.array(b_np)
     fused = AddReLU()
-    fused.hybridize(static_alloc=True, static_shape=True)
+    fused.hybridize()
     if backward:
         a.attach_grad()
         b.attach_grad()

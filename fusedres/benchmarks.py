@@ -82,14 +82,14 @@ def stock_block(shape, for_training):
     these channel counts (multiples of 8), so training uses the Conv2D workaround."""
     net = _StockConv2DWorkaround(shape) if for_training else _StockConv1D(shape)
     net.initialize(mx.init.Xavier())
-    net.hybridize(static_alloc=True, static_shape=True)
+    net.hybridize()
     return net
 
 
 def fused_block(shape):
     net = ConvBNReLU1D(shape.c, shape.kernel, in_channels=shape.c, **shape.conv_kwargs())
     net.initialize(mx.init.Xavier())
-    net.hybridize(static_alloc=True, static_shape=True)
+    net.hybridize()
     return net
 
 

@@ -101,7 +101,9 @@ def _model():
     return net
 
 
-def test_imperative_hybridized_exported_agree(tmp_path):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-ops", "custom-ops"])
+def test_imperative_hybridized_exported_agree(tmp_path, monkeypatch, native):
+    monkeypatch.setenv("FUSEDRES_NATIVE", native)
     net = _model()
     x = mx.nd.random.normal(shape=(2, 4, 29))
     # One training step first, so that running statistics are not at their initial values.
@@ -124,8 +126,10 @@ def test_imperative_hybridized_exported_agree(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
     assert_close(np.load(tmp_path / "y.npy"), want, np.float32, "exported and re-imported")
     graph = json.load(open(prefix + "-symbol.json"))
-    op_types = {n["attrs"]["op_type"] for n in graph["nodes"] if n["op"] == "Custom"}
-    assert op_types == {"fusedres_conv1d_bn_relu", "fusedres_add_relu"}
+    ops = {n["attrs"]["op_type"] if n["op"] == "Custom" else n["op"] for n in graph["nodes"]}
+    want = {"fusedres_conv1d_bn_relu", "fusedres_add_relu"}
+    assert ops & {"_" + w for w in want} == ({"_" + w for w in want} if native == "1" else set())
+    assert ops & want == (set() if native == "1" else want)
 
 
 def test_training_imperative_equals_hybridized():

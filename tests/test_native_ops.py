@@ -408,6 +408,43 @@ def test_executor_takes_training_mode_from_bind_time():
         assert_close(y.asnumpy(), want, np.float32, f"train_at_bind={train_at_bind}")
 
 
+def test_executor_backward_is_refused_not_silently_wrong():
+    """Training through the legacy executor would run the inference forward: backward says so
+    instead of returning gradients of the wrong function."""
+    inp, conv = conv_inputs(CONV_CASES[0].values[0], np.float32)
+    names = ["data", "weight", "bias", "gamma", "beta", "running_mean", "running_var"]
+    sym = native.conv1d_bn_relu(*[mx.sym.var(n, shape=inp[n].shape) for n in names], **conv)
+    args = {n: mx.nd.array(inp[n]) for n in names[:5]}
+    grads = {n: mx.nd.zeros(inp[n].shape) for n in names[:5]}
+    aux = {n: mx.nd.array(inp[n]) for n in names[5:]}
+    ex = sym.bind(mx.cpu(), args, args_grad=grads, aux_states=aux)
+    ex.forward(is_train=True)
+    with pytest.raises(mx.base.MXNetError, match="bound outside autograd"):
+        ex.backward(mx.nd.ones(ex.outputs[0].shape))
+        mx.nd.waitall()
+
+
+def test_blocks_fall_back_to_customops_for_grad_req_add():
+    """A ConvBNReLU1D whose parameters accumulate gradients runs the CustomOp, which does."""
+    from fusedres.nn import ConvBNReLU1D
+    blk = ConvBNReLU1D(6, 3, padding=1, in_channels=4)
+    blk.initialize()
+    blk.collect_params().setattr("grad_req", "add")
+    assert blk._impl() is fusedres.ops
+    x = mx.nd.random.normal(shape=(2, 4, 11))
+    grads = []
+    for _ in range(2):
+        blk.running_mean.set_data(mx.nd.zeros(6))
+        blk.running_var.set_data(mx.nd.ones(6))
+        with autograd.record():
+            y = blk(x)
+        y.backward()
+        grads.append(blk.weight.grad().asnumpy().copy())
+    assert_close(grads[1], 2 * grads[0], np.float32, "accumulated weight gradient")
+    with pytest.raises(ValueError, match="use_native=True but the native ops cannot be used"):
+        ConvBNReLU1D(6, 3, use_native=True, in_channels=4, params=blk.collect_params())._impl()
+
+
 def test_library_load_is_idempotent():
     assert native.load() == native.load() == native.library_path()
     assert os.path.isabs(native.library_path())

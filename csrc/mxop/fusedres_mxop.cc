@@ -60,10 +60,16 @@ namespace {
 typedef std::unordered_map<std::string, std::string> Attrs;
 
 // ---------------------------------------------------------------- MXNet's training flag
-typedef int (*is_training_fn_t)(bool*);
-is_training_fn_t g_is_training = nullptr;
+typedef int (*autograd_flag_fn_t)(bool*);
+autograd_flag_fn_t g_is_training = nullptr, g_is_recording = nullptr;
+
+struct SymbolLookup {
+  const char* name;
+  void* sym;
+};
 
 int find_libmxnet(struct dl_phdr_info* info, size_t, void* out) {
+  auto* lookup = static_cast<SymbolLookup*>(out);
   const char* name = info->dlpi_name;
   if (name == nullptr || *name == '\0') return 0;
   const char* base = std::strrchr(name, '/');
@@ -71,19 +77,24 @@ int find_libmxnet(struct dl_phdr_info* info, size_t, void* out) {
   if (std::strncmp(base, "libmxnet", 8) != 0) return 0;
   void* handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
   if (handle == nullptr) return 0;
-  void* sym = dlsym(handle, "MXAutogradIsTraining");
+  void* sym = dlsym(handle, lookup->name);
   dlclose(handle);  // RTLD_NOLOAD took a reference; MXNet keeps its own.
   if (sym == nullptr) return 0;
-  *static_cast<void**>(out) = sym;
+  lookup->sym = sym;
   return 1;
 }
 
+autograd_flag_fn_t lookup_mxnet(const char* name) {
+  SymbolLookup lookup{name, nullptr};
+  dl_iterate_phdr(find_libmxnet, &lookup);
+  if (lookup.sym == nullptr) lookup.sym = dlsym(RTLD_DEFAULT, name);
+  return reinterpret_cast<autograd_flag_fn_t>(lookup.sym);
+}
+
 bool lookup_is_training() {
-  void* sym = nullptr;
-  dl_iterate_phdr(find_libmxnet, &sym);
-  if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "MXAutogradIsTraining");
-  g_is_training = reinterpret_cast<is_training_fn_t>(sym);
-  return g_is_training != nullptr;
+  g_is_training = lookup_mxnet("MXAutogradIsTraining");
+  g_is_recording = lookup_mxnet("MXAutogradIsRecording");
+  return g_is_training != nullptr && g_is_recording != nullptr;
 }
 
 // Called first in every callback: drop the messages of an earlier, already reported failure.
@@ -95,10 +106,10 @@ void clear_errors() {
   m->messages.clear();
 }
 
-bool caller_is_training() {
-  bool train = false;
-  if (g_is_training != nullptr) g_is_training(&train);
-  return train;
+bool caller_flag(autograd_flag_fn_t fn) {
+  bool flag = false;
+  if (fn != nullptr) fn(&flag);
+  return flag;
 }
 
 // ---------------------------------------------------------------- attribute parsing
@@ -502,7 +513,8 @@ class Buffer {
 
 class ConvBNReLUState : public CustomStatefulOp {
  public:
-  ConvBNReLUState(const ConvParams& p, bool is_train) : p_(p), is_train_(is_train) {}
+  ConvBNReLUState(const ConvParams& p, bool is_train, bool recording)
+      : p_(p), is_train_(is_train), recording_(recording) {}
 
   MXReturnValue Forward(std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                         const OpResource&) override {
@@ -518,6 +530,15 @@ class ConvBNReLUState : public CustomStatefulOp {
   MXReturnValue Backward(std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                          const OpResource&) override {
     clear_errors();
+    if (!recording_) {
+      // The legacy executor (Symbol.bind, Module) creates the state once, outside autograd,
+      // so the forward it ran was the inference one whatever is_train said: refuse to train.
+      MX_ERROR_MSG << "the native " << kConvOp << " was bound outside autograd (Symbol.bind or "
+                   << "Module), where it cannot tell training from inference; train such "
+                   << "graphs with the CustomOp fusedres_conv1d_bn_relu (build or export the "
+                   << "model with FUSEDRES_NATIVE=0)";
+      return MX_FAIL;
+    }
     if ((*inputs)[1].dtype == kFloat64) return backward<double>(*inputs, *outputs);
     if ((*inputs)[1].dtype == kFloat32) return backward<float>(*inputs, *outputs);
     MX_ERROR_MSG << "data must be float32 or float64, got " << dtype_name((*inputs)[1].dtype);
@@ -587,7 +608,7 @@ class ConvBNReLUState : public CustomStatefulOp {
   }
 
   ConvParams p_;
-  bool is_train_;
+  bool is_train_, recording_;
   bool have_saved_ = false, batch_stats_ = false;
   Buffer z_, mean_, invstd_;
 };
@@ -603,7 +624,8 @@ MXReturnValue conv_create_state(const Attrs& attrs, const MXContext& ctx,
                  << "): the native fusedres ops run on the CPU only";
     return MX_FAIL;
   }
-  *op = CustomStatefulOp::create<ConvBNReLUState>(p, caller_is_training());
+  *op = CustomStatefulOp::create<ConvBNReLUState>(p, caller_flag(g_is_training),
+                                                  caller_flag(g_is_recording));
   return MX_SUCCESS;
 }
 
@@ -711,8 +733,8 @@ MXReturnValue initialize(int version) {
     return MX_FAIL;
   }
   if (!lookup_is_training()) {
-    MX_ERROR_MSG << "fusedres's native ops could not find MXAutogradIsTraining in the loaded "
-                 << "libmxnet; they cannot tell training from inference";
+    MX_ERROR_MSG << "fusedres's native ops could not find MXAutogradIsTraining/IsRecording in the "
+                 << "loaded libmxnet; they cannot tell training from inference";
     return MX_FAIL;
   }
   return MX_SUCCESS;

@@ -1,8 +1,11 @@
-"""Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu) and AddReLU."""
+"""Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu), ConvBN1D and AddReLU."""
+import os
+
+import mxnet as mx
 from mxnet.gluon import HybridBlock
 
 from .. import ops
-from ..ops import translate_errors
+from ..ops import native, translate_errors
 
 
 def _single(value, name):
@@ -16,11 +19,55 @@ def _single(value, name):
 
 
 class _TranslatingBlock(HybridBlock):
-    """Re-raises validation errors hidden by MXNet's CustomOp callbacks with their message."""
+    """Base of the fused blocks: picks the op implementation for each graph it builds, and
+    re-raises validation errors that MXNet hides behind a bare MXNetError with their message.
+
+    Implementations: the native ops (``fusedres.ops.native``, an MXNet operator library with a
+    built-in op's per-call cost) where they compute exactly what the CustomOps compute, else
+    the CustomOps (``fusedres.ops``). ``use_native``: None (default) decides with
+    ``native.native_ok`` (library loaded, CPU, no grad_req='add', not hybridized with
+    static_alloc, $FUSEDRES_NATIVE not '0'); True requires the native ops; False never uses
+    them. The choice is made when a graph is built; hybridize() again after changing grad_req.
+    """
+
+    def __init__(self, use_native=None, **kwargs):
+        super().__init__(**kwargs)
+        self._use_native = use_native
+        self._static_alloc = False
+        self._ctx_hint = None
+
+    def hybridize(self, active=True, **kwargs):
+        self._static_alloc = bool(kwargs.get("static_alloc", False))
+        super().hybridize(active, **kwargs)
 
     def forward(self, *args):
-        with translate_errors():
+        if args and isinstance(args[0], mx.nd.NDArray):
+            self._ctx_hint = args[0].context
+        with translate_errors(), native.translate_errors():
             return super().forward(*args)
+
+    def _context(self):
+        """The data's context if this block was called directly, else its parameters'."""
+        if self._ctx_hint is not None:
+            return self._ctx_hint
+        for p in self.params.values():
+            try:
+                return p.list_ctx()[0]
+            except RuntimeError:  # not initialized yet
+                continue
+        return None
+
+    def _impl(self):
+        """fusedres.ops.native or fusedres.ops, for the graph being built now."""
+        if self._use_native is False or os.environ.get("FUSEDRES_NATIVE", "1") == "0":
+            return ops
+        ok, why = native.native_ok(self.collect_params().values(), ctx=self._context(),
+                                   static_alloc=self._static_alloc)
+        if ok:
+            return native
+        if self._use_native:
+            raise ValueError(f"use_native=True but the native ops cannot be used: {why}")
+        return ops
 
 
 class ConvBNReLU1D(_TranslatingBlock):
@@ -57,6 +104,9 @@ class ConvBNReLU1D(_TranslatingBlock):
     weight_initializer, bias_initializer, gamma_initializer, beta_initializer,
     running_mean_initializer, running_variance_initializer
         As in ``nn.Conv1D`` and ``nn.BatchNorm``.
+    use_native : None, True or False
+        Which implementation runs the op: see the base class; None picks the fastest one
+        that computes the same result.
 
     Inputs:
         - **data**: (batch_size, in_channels, width), float32 or float64 (float16 on GPU).
@@ -72,8 +122,8 @@ class ConvBNReLU1D(_TranslatingBlock):
                  in_channels=0, activation="relu", layout="NCW", weight_initializer=None,
                  bias_initializer="zeros", gamma_initializer="ones", beta_initializer="zeros",
                  running_mean_initializer="zeros", running_variance_initializer="ones",
-                 **kwargs):
-        super().__init__(**kwargs)
+                 use_native=None, **kwargs):
+        super().__init__(use_native=use_native, **kwargs)
         if activation not in ("relu", None):
             raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
         self._relu = activation == "relu"
@@ -119,7 +169,7 @@ class ConvBNReLU1D(_TranslatingBlock):
                 allow_deferred_init=True, differentiable=False)
 
     def hybrid_forward(self, F, x, weight, gamma, beta, running_mean, running_var, bias=None):
-        return ops.conv1d_bn_relu(
+        return self._impl().conv1d_bn_relu(
             x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,
             num_filter=self._channels, stride=self._stride, pad=self._pad,
             dilate=self._dilate, num_group=self._groups, eps=self._epsilon,
@@ -168,7 +218,7 @@ class AddReLU(_TranslatingBlock):
     """
 
     def hybrid_forward(self, F, lhs, rhs):
-        return ops.add_relu(lhs, rhs, name="fwd", F=F)
+        return self._impl().add_relu(lhs, rhs, name="fwd", F=F)
 
     def __repr__(self):
         return f"{self.__class__.__name__}()"

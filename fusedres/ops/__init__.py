@@ -8,12 +8,17 @@ import mxnet as mx
 
 from . import add_relu as _add_relu_op
 from . import conv1d_bn_relu as _conv_op
+from . import native
 from ._common import translate_errors
 
 # A CustomOp still queued when Python exits runs its callback during interpreter teardown,
 # which hangs or crashes MXNet's shutdown. Registered after MXNet's own exit hook, this runs
 # first and lets queued work finish while Python is still whole.
 atexit.register(mx.nd.waitall)
+
+# Register the native ops too when their library was built, so that `import fusedres` is all a
+# process needs before SymbolBlock.imports of a model exported with either implementation.
+native.available()
 
 CONV1D_BN_RELU = _conv_op.OP_NAME
 ADD_RELU = _add_relu_op.OP_NAME

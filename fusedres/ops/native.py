@@ -106,6 +106,8 @@ def native_ok(params=(), ctx=None, static_alloc=False):
     ok, why = available()
     if not ok:
         return False, why
+    if ctx is None and mx.runtime.Features().is_enabled("CUDA"):
+        return False, "the data's device is unknown and this MXNet has GPUs; CPU only"
     if ctx is not None and ctx.device_type not in ("cpu", "cpu_pinned", "cpu_shared"):
         return False, f"data is on {ctx}; the native ops run on the CPU only"
     if hasattr(params, "values"):
