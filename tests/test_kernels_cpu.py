@@ -381,3 +381,47 @@ def test_add_relu_3d():
     y = np.empty_like(a)
     _C.add_relu_forward(a, b, y)
     assert np.array_equal(y, np.maximum(a + b, 0))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3], SMALL[4], SMALL[8], BIG[0]], ids=_id)
+def test_without_relu(shape, dtype, isa):
+    """relu=False (ConvBN1D): conv + batchnorm alone, forward, inference and backward, on every
+    instruction set."""
+    d = _make(shape, dtype, seed=5)
+    n, co, lout = d["x"].shape[0], d["w"].shape[0], d["lout"]
+    conv = (d["stride"], d["pad"], d["dil"], d["groups"])
+    f64 = {k: _f64(d[k]) for k in ("x", "w", "bias", "gamma", "beta", "rm", "rv")}
+    want, cache, rm_ref, rv_ref = ref.conv1d_bn_relu_forward(
+        f64["x"], f64["w"], f64["bias"], f64["gamma"], f64["beta"], f64["rm"], f64["rv"], *conv,
+        1e-5, 0.9, relu=False)
+    assert (want < 0).any()
+    z, y = np.full((n, co, lout), np.nan, dtype), np.full((n, co, lout), np.nan, dtype)
+    mean, invstd = np.full(co, np.nan, dtype), np.full(co, np.nan, dtype)
+    rm, rv = d["rm"].copy(), d["rv"].copy()
+    _C.conv1d_bn_relu_forward_train(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], rm, rv, z,
+                                    mean, invstd, y, *conv, 1e-5, 0.9, True, True, relu=False)
+    _check(y, want, _tol(dtype), "forward without relu")
+    _check(rv, rv_ref, _tol(dtype), "running_var")
+    grads = {k: np.full(d[v].shape, np.nan, dtype) for k, v in
+             (("data", "x"), ("weight", "w"), ("gamma", "gamma"), ("beta", "beta"))}
+    grads["bias"] = None if d["bias"] is None else np.full(co, np.nan, dtype)
+    _C.conv1d_bn_relu_backward(d["dy"], d["x"], d["w"], z, d["gamma"], d["beta"], mean, invstd,
+                               grads["data"], grads["weight"], grads["bias"], grads["gamma"],
+                               grads["beta"], *conv, True, relu=False)
+    rg = ref.conv1d_bn_relu_backward(_f64(d["dy"]), cache)
+    for k, g in grads.items():
+        if k == "bias" and g is not None:
+            # Analytically 0 with batch statistics: judge it against the size of its terms.
+            terms = np.abs(_f64(d["dy"])).sum(axis=(0, 2)).max() * np.abs(_f64(d["gamma"])).max()
+            assert np.max(np.abs(_f64(g) - rg[k])) <= 10 * _tol(dtype) * terms
+        elif g is not None:
+            _check(g, rg[k], _tol(dtype), f"{k} without relu")
+    y_inf = np.full((n, co, lout), np.nan, dtype)
+    _C.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                    d["rv"], y_inf, *conv, 1e-5, relu=False)
+    want_inf = ref.conv1d_bn_relu_forward(
+        f64["x"], f64["w"], f64["bias"], f64["gamma"], f64["beta"], f64["rm"], f64["rv"], *conv,
+        1e-5, 0.9, training=False, relu=False)[0]
+    _check(y_inf, want_inf, _tol(dtype), "inference without relu")
