@@ -4,10 +4,11 @@
 #   1. tools/wheel_smoke.py: imports resolve to site-packages, cubins and CUDA sources are
 #      shipped, OpenMP coexists with MXNet's, the native op library loads;
 #   2. `python -m fusedres tiny`: the environment report, correctness, one timing row;
-#   3. the test suite, against the installed wheel: tests/ is copied into a scratch root whose
-#      fusedres/ holds only symlinks into the installed package (no __init__.py, so `import
-#      fusedres` still resolves to site-packages; tests that load files by path get the
-#      installed ones); a pytest plugin fails the run unless fusedres is the installed one.
+#   3. the test suite, against the installed wheel: the checkout minus fusedres/ is copied into a
+#      scratch root whose fusedres/ holds only symlinks into the installed package (no
+#      __init__.py, so `import fusedres` still resolves to site-packages; tests that load files
+#      by path get the installed ones); a pytest plugin fails the run unless fusedres is the
+#      installed one.
 # Knobs: PYTHON (default python3), FUSEDRES_CUDA_ARCHS (the archs the wheel was built with).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -49,10 +50,16 @@ step "pytest against the installed wheel (check so far: $((SECONDS - t_start)) s
 PKG="$("$PY" -c 'import fusedres, os; print(os.path.dirname(os.path.realpath(fusedres.__file__)))')"
 FAKE="$RUN/root"
 mkdir -p "$FAKE/fusedres" "$FAKE/plugins"
-cp -r "$ROOT/tests" "$FAKE/tests"
-cp "$ROOT/pyproject.toml" "$FAKE/"                 # [tool.pytest.ini_options] only
-mkdir -p "$FAKE/tools" && cp "$ROOT"/tools/*.py "$FAKE/tools/"   # tests of the build tool load it
-mkdir -p "$FAKE/csrc" && cp -r "$ROOT/csrc/cuda" "$FAKE/csrc/"
+# The checkout's files outside the package (tests/, examples/, tools/, csrc/, pyproject.toml for
+# the pytest settings, ...), which tests read by path; the package itself only as symlinks.
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) | "$PY" -c '
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+for f in sys.stdin.buffer.read().decode().split("\0"):
+    if f and not f.startswith(("fusedres/", ".ci/")) and os.path.isfile(os.path.join(src, f)):
+        os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+' "$ROOT" "$FAKE"
 for entry in "$PKG"/*; do
   case "$(basename "$entry")" in __init__.py|__pycache__) ;; *) ln -s "$entry" "$FAKE/fusedres/" ;; esac
 done
