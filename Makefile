@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) \
+BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/mxop/*.cc csrc/cuda/*.cu \
+                  csrc/cuda/*.cuh) \
                 CMakeLists.txt setup.py pyproject.toml requirements-cuda-build.txt
 
 .PHONY: setup demo test bench clean
@@ -21,10 +22,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m fusedres
 
+# The block-level suites once more with the native ops off, so the CustomOp path the blocks
+# fall back to (grad_req='add', static_alloc, GPU) is tested end to end as well.
 test: setup
 	$(PY) -m pytest tests
+	FUSEDRES_NATIVE=0 $(PY) -m pytest -q tests/test_blocks.py tests/test_residual.py \
+	    tests/test_fuse.py tests/test_examples.py
 
+# PyTorch is the optional peer: 2.13.0 is the local CPU build on these machines (elsewhere pick
+# a CPU wheel yourself); without it the PyTorch columns stay empty.
 bench: setup
+	$(PIP) install -q torch==2.13.0 || echo "PyTorch not installed: benchmarking without it"
 	$(PY) -m pytest bench/test_cpu.py --benchmark-only -q --benchmark-json=bench/results_cpu.json
 
 clean:

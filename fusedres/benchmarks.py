@@ -141,5 +141,7 @@ def conv_contenders(shape, mode, x=None, dy=None):
     if mode == "train":
         if dy is None:
             dy = mx.nd.random.normal(shape=(shape.n, shape.c, shape.out_width))
+        # A layer inside a network: its input needs a gradient too (PyTorch's peer likewise).
+        x.attach_grad()
         return {"fused": training_step(fused, x, dy), "stock": training_step(stock, x, dy)}
     return {"fused": inference(fused, x), "stock": inference(stock, x)}
