@@ -93,7 +93,7 @@ class Results:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        labels = [f"{r['group']}\n{r['mode']}" for r in self.rows]
+        labels = [f"{r['group'].split(' (')[0]}\n{r['mode']}" for r in self.rows]
         fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
         x = np.arange(len(labels))
         for i, peer in enumerate(["stock", "torch"]):
@@ -102,7 +102,7 @@ class Results:
             ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"speed-up over {peer}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
         ax.set_ylabel("peer time / fused time")
         ax.set_title("fusedres on the CPU (higher is better)")
         ax.legend()
