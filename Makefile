@@ -12,6 +12,8 @@ BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/mxop/*.cc
 $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	# MXNet first: the build compiles the native op library against the lib_api.h it ships.
+	$(PIP) install -q "mxnet==1.9.1" "numpy>=1.22,<1.24"
 	$(PIP) install -q -e ".[cpu,test,bench]" -r requirements-cuda-build.txt
 	# CUDA kernels to cubins for sm_70..sm_90 with NVRTC 11.8 from PyPI: no GPU or nvcc needed.
 	$(PY) tools/build_cubins.py

@@ -6,8 +6,7 @@ import sys
 import mxnet as mx
 import numpy as np
 
-from . import __version__, benchmarks, cuda, reference
-from . import conv1d_bn_relu, add_relu
+from . import __version__, benchmarks, cuda, ops, reference
 
 
 def environment():
@@ -18,6 +17,9 @@ def environment():
     from . import _C
     print(f"CPU kernels:  fusedres._C loaded from {os.path.basename(_C.__file__)}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores")
+    ok, why = ops.native.available()
+    print("native ops:   " + (f"loaded from {os.path.basename(why)} (the blocks' CPU path)" if ok
+                              else f"not available, the blocks use the CustomOps: {why}"))
     ok, why = cuda.available()
     print(f"CUDA kernels: {'available: ' if ok else 'not available: '}{why}")
 
@@ -26,11 +28,19 @@ def _rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0))
 
 
+def _implementations():
+    yield "CustomOp", ops
+    ok, _ = ops.native.available()
+    if ok:
+        yield "native", ops.native
+
+
 def correctness():
-    """Each fused op against the numpy reference, on random inputs, with autograd."""
+    """Each fused op, in each implementation, against the numpy reference on random inputs,
+    with autograd."""
     rng = np.random.default_rng(0)
     print("\nCorrectness against the numpy reference (max error / max |reference|):")
-    print(f"  {'op':<16}{'shape':<22}{'dtype':<9}{'forward':>10}{'backward':>10}")
+    print(f"  {'op':<25}{'shape':<22}{'dtype':<9}{'forward':>10}{'backward':>10}")
     worst = 0.0
     for dtype, tol in ((np.float64, 1e-9), (np.float32, 2e-4)):
         for n, c, w, k, stride, pad in ((4, 7, 97, 3, 1, 1), (8, 64, 256, 3, 2, 1)):
@@ -42,29 +52,33 @@ def correctness():
                 x, wt, vec[0], vec[1], vec[2], vec[3], vec[4], stride, pad)
             dy = rng.standard_normal(y_ref.shape) * (np.abs(cache["pre"]) > 1e-3)
             g_ref = reference.conv1d_bn_relu_backward(dy, cache)
-            arrs = [mx.nd.array(a, dtype=dtype) for a in [x, wt] + vec]
-            for a in arrs[:5]:
-                a.attach_grad()
-            with mx.autograd.record():
-                y = conv1d_bn_relu(*arrs, kernel=k, num_filter=c, stride=stride, pad=pad)
-            y.backward(mx.nd.array(dy, dtype=dtype))
-            fe = _rel_err(y.asnumpy(), y_ref)
-            be = max(_rel_err(a.grad.asnumpy(), g_ref[name]) for a, name in
-                     zip(arrs[:5], ["data", "weight", "bias", "gamma", "beta"]))
-            worst = max(worst, fe / tol, be / tol)
-            print(f"  {'conv1d_bn_relu':<16}{str((n, c, w)) + f' k{k} s{stride}':<22}"
-                  f"{np.dtype(dtype).name:<9}{fe:>10.1e}{be:>10.1e}")
+            for impl_name, impl in _implementations():
+                arrs = [mx.nd.array(a, dtype=dtype) for a in [x, wt] + vec]
+                for a in arrs[:5]:
+                    a.attach_grad()
+                with mx.autograd.record():
+                    y = impl.conv1d_bn_relu(*arrs, kernel=k, num_filter=c, stride=stride,
+                                            pad=pad)
+                y.backward(mx.nd.array(dy, dtype=dtype))
+                fe = _rel_err(y.asnumpy(), y_ref)
+                be = max(_rel_err(a.grad.asnumpy(), g_ref[name]) for a, name in
+                         zip(arrs[:5], ["data", "weight", "bias", "gamma", "beta"]))
+                worst = max(worst, fe / tol, be / tol)
+                print(f"  {'conv1d_bn_relu ' + impl_name:<25}"
+                      f"{str((n, c, w)) + f' k{k} s{stride}':<22}"
+                      f"{np.dtype(dtype).name:<9}{fe:>10.1e}{be:>10.1e}")
         a, b = rng.standard_normal((3, 5, 1025)), rng.standard_normal((3, 5, 1025))
-        xa, xb = mx.nd.array(a, dtype=dtype), mx.nd.array(b, dtype=dtype)
-        xa.attach_grad()
-        with mx.autograd.record():
-            y = add_relu(xa, xb)
-        y.backward()
-        fe = _rel_err(y.asnumpy(), reference.add_relu_forward(a, b))
-        be = _rel_err(xa.grad.asnumpy(), (a + b > 0).astype(float))
-        worst = max(worst, fe / tol, be / tol)
-        print(f"  {'add_relu':<16}{str((3, 5, 1025)):<22}{np.dtype(dtype).name:<9}"
-              f"{fe:>10.1e}{be:>10.1e}")
+        for impl_name, impl in _implementations():
+            xa, xb = mx.nd.array(a, dtype=dtype), mx.nd.array(b, dtype=dtype)
+            xa.attach_grad()
+            with mx.autograd.record():
+                y = impl.add_relu(xa, xb)
+            y.backward()
+            fe = _rel_err(y.asnumpy(), reference.add_relu_forward(a, b))
+            be = _rel_err(xa.grad.asnumpy(), (a + b > 0).astype(float))
+            worst = max(worst, fe / tol, be / tol)
+            print(f"  {'add_relu ' + impl_name:<25}{str((3, 5, 1025)):<22}"
+                  f"{np.dtype(dtype).name:<9}{fe:>10.1e}{be:>10.1e}")
     print(f"  {'PASS' if worst <= 1 else 'FAIL'}: worst error is {worst:.2g} x the tolerance")
     return worst <= 1
 

@@ -38,6 +38,11 @@ FR_INLINE i64 fdiv(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); 
 FR_INLINE i64 fmod_pos(i64 a, i64 b) { return a - fdiv(a, b) * b; }
 FR_INLINE i64 rup(i64 a, i64 b) { return cdiv(a, b) * b; }
 
+// Below this much work (multiply-adds, or elements for the elementwise passes) a parallel
+// region costs more than it saves: waking the team, and on a small machine its spinning
+// threads take the cores MXNet's next operator needs. Tiny tensors run on the calling thread.
+FR_INLINE bool worth_threads(i64 work) { return work >= (i64(1) << 16); }
+
 template <typename T>
 T* alloc(i64 n) {
   size_t bytes = size_t(imax(n, 1)) * sizeof(T);
@@ -376,7 +381,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
   }
   const i64 Lq = cdiv(s.L, S);
   const i64 Wq = ch.CH + dmax - dmin + 1;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
     Tap<T> taps[64];
@@ -436,7 +441,7 @@ void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename
   using reg = typename V::reg;
   constexpr int W = V::W;
   const i64 Lo = s.Lout(), rows = s.N * s.Cout;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     T a, b;
@@ -610,7 +615,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
 
   // Pass A: per row sum(g), sum(g * xhat), g = dy * relu'(z * a + b) (g = dy without relu).
   Buf<double> part(rows * 2);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     T a, b;
@@ -660,7 +665,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
 
   // Pass B: dz = scale * g - k0 - k1 * (z - mean), with row sums for the bias gradient.
   T* dz = workspace<T>(rows * Lo);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     T a, b;
@@ -730,7 +735,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
                         });
     }
     const i64 nunits = s.N * ch.nch;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
     {
       Buf<T> tmp(S > 1 ? S * s.Cin * ch.CH : 0);
       Tap<T> taps[64];
@@ -785,7 +790,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
     std::memset(acc.p, 0, sizeof(double) * size_t(i64(nthr) * s.Cout * dst_row));
     const i64 xrows = (CHw - 1) * S + offmax - offmin + 1;
     int used = 1;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
     {
       const int tid = omp_get_thread_num();
 #pragma omp single
