@@ -9,7 +9,6 @@ import argparse
 import glob
 import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 

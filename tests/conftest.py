@@ -67,3 +67,50 @@ def away_from_kink(dy, pre, margin=1e-3):
     dy = dy.copy()
     dy[np.abs(pre) < margin] = 0
     return dy
+
+
+GRAD_NAMES = ["data", "weight", "bias", "gamma", "beta"]
+
+
+def reference_step(inp, conv, training=True, use_global_stats=False, seed=1, relu=True):
+    """float64 reference of one conv1d_bn_relu step on conv_inputs: output, the head gradient
+    (kept away from the relu kink), all gradients and the updated running statistics."""
+    from fusedres import reference as R
+    f64 = {k: None if v is None else v.astype(np.float64) for k, v in inp.items()}
+    y, cache, rm, rv = R.conv1d_bn_relu_forward(
+        f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"],
+        f64["running_mean"], f64["running_var"], conv["stride"], conv["pad"], conv["dilate"],
+        conv["num_group"], 1e-5, MOMENTUM, training=training, use_global_stats=use_global_stats,
+        relu=relu)
+    dy = away_from_kink(np.random.default_rng(seed).standard_normal(y.shape), cache["pre"])
+    return y, dy, R.conv1d_bn_relu_backward(dy, cache), rm, rv
+
+
+def nd_inputs(inp, grad_req="write"):
+    """conv_inputs as NDArrays, with gradients attached to data and the parameters."""
+    import mxnet as mx
+    arrs = {k: None if v is None else mx.nd.array(v, dtype=v.dtype) for k, v in inp.items()}
+    for k in GRAD_NAMES:
+        if arrs[k] is not None:
+            arrs[k].attach_grad(grad_req)
+    return arrs
+
+
+def run_step(fn, arrs, conv, dy, train_mode=True, **kw):
+    """One recorded forward of fn (a conv1d_bn_relu implementation) and its backward."""
+    import mxnet as mx
+    with mx.autograd.record(train_mode=train_mode):
+        y = fn(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"], arrs["beta"],
+               arrs["running_mean"], arrs["running_var"], **kw, **conv)
+    y.backward(mx.nd.array(dy, dtype=y.dtype))
+    return y
+
+
+def assert_step(arrs, y, ref_y, grads, rm, rv, dtype):
+    """Output, every attached gradient and the running statistics against the reference."""
+    assert_close(y.asnumpy(), ref_y, dtype, "output")
+    for k in GRAD_NAMES:
+        if arrs[k] is not None:
+            assert_close(arrs[k].grad.asnumpy(), grads[k], dtype, f"{k} gradient")
+    assert_close(arrs["running_mean"].asnumpy(), rm, dtype, "running_mean")
+    assert_close(arrs["running_var"].asnumpy(), rv, dtype, "running_var")

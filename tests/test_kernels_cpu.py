@@ -10,7 +10,6 @@ neither MXNet nor the rest of the package to import.
 """
 import glob
 import importlib.util
-import os
 import sys
 from pathlib import Path
 

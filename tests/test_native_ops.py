@@ -10,7 +10,9 @@ import textwrap
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import CONV_CASES, TOL, assert_close, away_from_kink, conv_inputs
+from conftest import (CONV_CASES, GRAD_NAMES, assert_close, assert_step, away_from_kink,
+                      conv_inputs,
+                      nd_inputs, reference_step, run_step)
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
@@ -25,46 +27,12 @@ if not OK:
     pytest.fail(f"native ops unavailable: {WHY}", pytrace=False)
 
 DTYPES = [np.float32, np.float64]
-GRAD_NAMES = ["data", "weight", "bias", "gamma", "beta"]
-MOM = float(np.float32(0.9))  # MXNet keeps momentum as a C float; the ops round it so
-
-
-def _reference(inp, conv, training=True, use_global_stats=False, seed=1):
-    f64 = {k: None if v is None else v.astype(np.float64) for k, v in inp.items()}
-    y, cache, rm, rv = R.conv1d_bn_relu_forward(
-        f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"],
-        f64["running_mean"], f64["running_var"], conv["stride"], conv["pad"], conv["dilate"],
-        conv["num_group"], 1e-5, MOM, training=training, use_global_stats=use_global_stats)
-    dy = np.random.default_rng(seed).standard_normal(y.shape)
-    dy = away_from_kink(dy, cache["pre"])
-    return y, dy, R.conv1d_bn_relu_backward(dy, cache), rm, rv
-
-
-def _nd(inp, grad_req="write"):
-    arrs = {k: None if v is None else mx.nd.array(v, dtype=v.dtype) for k, v in inp.items()}
-    for k in GRAD_NAMES:
-        if arrs[k] is not None:
-            arrs[k].attach_grad(grad_req)
-    return arrs
-
-
-def _run(fn, arrs, conv, dy, train_mode=True, use_global_stats=False):
-    with autograd.record(train_mode=train_mode):
-        y = fn(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"], arrs["beta"],
-               arrs["running_mean"], arrs["running_var"], use_global_stats=use_global_stats,
-               **conv)
-    y.backward(mx.nd.array(dy, dtype=y.dtype))
-    return y
+_reference, _nd, _run = reference_step, nd_inputs, run_step
 
 
 def _check(arrs, y, ref_y, grads, rm, rv, dtype):
     assert y.dtype == dtype
-    assert_close(y.asnumpy(), ref_y, dtype, "output")
-    for k in GRAD_NAMES:
-        if arrs[k] is not None:
-            assert_close(arrs[k].grad.asnumpy(), grads[k], dtype, f"d{k}")
-    assert_close(arrs["running_mean"].asnumpy(), rm, dtype, "running_mean")
-    assert_close(arrs["running_var"].asnumpy(), rv, dtype, "running_var")
+    assert_step(arrs, y, ref_y, grads, rm, rv, dtype)
 
 
 # ------------------------------------------------------------------ conv against the reference

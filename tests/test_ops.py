@@ -3,7 +3,9 @@ running statistics, req write/add/null, numeric gradients in float64."""
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import CONV_CASES, MOMENTUM, TOL, assert_close, away_from_kink, conv_inputs
+from conftest import (CONV_CASES, GRAD_NAMES, TOL, assert_close, assert_step, away_from_kink,
+                      conv_inputs,
+                      nd_inputs, reference_step, run_step)
 from mxnet import autograd
 from mxnet.test_utils import check_numeric_gradient
 
@@ -11,38 +13,11 @@ import fusedres
 from fusedres import reference as R
 
 DTYPES = [np.float32, np.float64]
-GRAD_NAMES = ["data", "weight", "bias", "gamma", "beta"]
+_reference, _nd, _assert_step = reference_step, nd_inputs, assert_step
 
 
-def _reference(inp, conv, training=True, use_global_stats=False, seed=1, relu=True):
-    f64 = {k: None if v is None else v.astype(np.float64) for k, v in inp.items()}
-    y, cache, rm, rv = R.conv1d_bn_relu_forward(
-        f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"],
-        f64["running_mean"], f64["running_var"], conv["stride"], conv["pad"], conv["dilate"],
-        conv["num_group"], 1e-5, MOMENTUM, training=training, use_global_stats=use_global_stats,
-        relu=relu)
-    dy = np.random.default_rng(seed).standard_normal(y.shape)
-    dy = away_from_kink(dy, cache["pre"])
-    grads = R.conv1d_bn_relu_backward(dy, cache)
-    return y, dy, grads, rm, rv
-
-
-def _nd(inp, grad_req="write"):
-    arrs = {k: None if v is None else mx.nd.array(v, dtype=v.dtype) for k, v in inp.items()}
-    for k in GRAD_NAMES:
-        if arrs[k] is not None:
-            arrs[k].attach_grad(grad_req)
-    return arrs
-
-
-def _fused(arrs, conv, dy, train_mode=True, use_global_stats=False, relu=True):
-    with autograd.record(train_mode=train_mode):
-        y = fusedres.conv1d_bn_relu(
-            arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"], arrs["beta"],
-            arrs["running_mean"], arrs["running_var"], use_global_stats=use_global_stats,
-            relu=relu, **conv)
-    y.backward(mx.nd.array(dy, dtype=y.dtype))
-    return y
+def _fused(arrs, conv, dy, train_mode=True, **kw):
+    return run_step(fusedres.conv1d_bn_relu, arrs, conv, dy, train_mode=train_mode, **kw)
 
 
 def _stock(arrs, conv, dy, use_global_stats=False, relu=True):
@@ -63,15 +38,6 @@ def _stock(arrs, conv, dy, use_global_stats=False, relu=True):
         y = y.reshape((n, conv["num_filter"], -1))
     y.backward(mx.nd.array(dy, dtype=y.dtype))
     return y
-
-
-def _assert_step(arrs, y, ref_y, grads, rm, rv, dtype):
-    assert_close(y.asnumpy(), ref_y, dtype, "output")
-    for k in GRAD_NAMES:
-        if arrs[k] is not None:
-            assert_close(arrs[k].grad.asnumpy(), grads[k], dtype, f"{k} gradient")
-    assert_close(arrs["running_mean"].asnumpy(), rm, dtype, "running_mean")
-    assert_close(arrs["running_var"].asnumpy(), rv, dtype, "running_var")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
