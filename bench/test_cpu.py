@@ -14,13 +14,19 @@ from fusedres.nn import AddReLU
 
 def _interleaved(benchmark, contenders, rounds):
     """pytest-benchmark times whole rounds; each round runs every contender once, and the
-    per-contender medians (what the results file reports) come from the same rounds."""
+    per-contender medians (what the results file reports) come from the same rounds. The
+    order rotates from round to round: a library whose threads keep spinning after its call
+    (PyTorch's do) slows whoever runs next, and rotation spreads that over all contenders."""
     times = {k: [] for k in contenders}
+    names = list(contenders)
+    rnd = [0]
 
     def one_round():
-        for k, fn in contenders.items():
+        r = rnd[0] % len(names)
+        rnd[0] += 1
+        for k in names[r:] + names[:r]:
             t0 = time.perf_counter()
-            fn()
+            contenders[k]()
             times[k].append(time.perf_counter() - t0)
     for _ in range(3):
         one_round()
@@ -41,7 +47,7 @@ def test_conv1d_bn_relu(benchmark, results, shape, mode):
     contenders = benchmarks.conv_contenders(shape, mode, x=x, dy=dy)
     contenders.update(peers.conv_contenders(shape, mode, x.asnumpy(), dy.asnumpy()))
     flop = shape.conv_gflop * 1e9 * (3 if mode == "train" else 1)
-    rounds = int(np.clip(4.0 / flop * 1e9, 8, 60))
+    rounds = int(np.clip(20.0 / flop * 1e9, 15, 100))
     med = _interleaved(benchmark, contenders, rounds)
     results.add(f"{shape.name} {(shape.n, shape.c, shape.width)} k{shape.kernel}"
                 f"{f' s{shape.stride}' if shape.stride > 1 else ''}"

@@ -118,16 +118,19 @@ def add_relu_contenders(shape=(2, 1024, 1024)):
 
 
 def interleaved_medians(contenders, reps, warmup=2):
-    """Median seconds per call of each contender, timed round-robin so that machine noise
-    hits all of them alike."""
+    """Median seconds per call of each contender, timed round-robin (the order rotating from
+    round to round) so that machine noise, and whatever one contender leaves behind for the
+    next, hits all of them alike."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     times = {k: [] for k in contenders}
-    for _ in range(reps):
-        for k, fn in contenders.items():
+    names = list(contenders)
+    for i in range(reps):
+        r = i % len(names)
+        for k in names[r:] + names[:r]:
             t0 = time.perf_counter()
-            fn()
+            contenders[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
 
