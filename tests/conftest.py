@@ -114,3 +114,17 @@ def assert_step(arrs, y, ref_y, grads, rm, rv, dtype):
             assert_close(arrs[k].grad.asnumpy(), grads[k], dtype, f"{k} gradient")
     assert_close(arrs["running_mean"].asnumpy(), rm, dtype, "running_mean")
     assert_close(arrs["running_var"].asnumpy(), rv, dtype, "running_var")
+
+
+def conv_with_ones(fn, data, **kw):
+    """fn (a conv1d_bn_relu implementation) on data with all-ones parameters sized from data:
+    for bad-input tests, where only the data or the hyper-parameters are wrong."""
+    import mxnet as mx
+    params = dict(kernel=3, num_filter=4)
+    params.update(kw)
+    c = params["num_filter"]
+    cin = data.shape[1] if data.ndim > 1 else 1
+    w = mx.nd.ones((c, max(cin // params.get("num_group", 1), 1), params["kernel"]),
+                   dtype=data.dtype)
+    one = mx.nd.ones((c,), dtype=data.dtype)
+    return fn(data, w, one, one, one, one * 0, one, **params)

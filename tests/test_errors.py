@@ -5,6 +5,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
+from conftest import conv_with_ones
 
 import fusedres
 from fusedres import _C
@@ -13,14 +14,7 @@ from fusedres.ops._common import backend_for
 
 
 def _conv(data, **kw):
-    params = dict(kernel=3, num_filter=4)
-    params.update(kw)
-    c = params["num_filter"]
-    cin = data.shape[1] if data.ndim > 1 else 1
-    w = mx.nd.ones((c, max(cin // params.get("num_group", 1), 1), params["kernel"]),
-                   dtype=data.dtype)
-    one = mx.nd.ones((c,), dtype=data.dtype)
-    return fusedres.conv1d_bn_relu(data, w, one, one, one, one * 0, one, **params)
+    return conv_with_ones(fusedres.conv1d_bn_relu, data, **kw)
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 5)])

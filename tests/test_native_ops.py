@@ -11,7 +11,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 from conftest import (CONV_CASES, GRAD_NAMES, assert_close, assert_step, away_from_kink,
-                      conv_inputs,
+                      conv_inputs, conv_with_ones,
                       nd_inputs, reference_step, run_step)
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
@@ -275,14 +275,7 @@ def test_symbol_api():
 
 # ------------------------------------------------------------------ errors
 def _conv(data, **kw):
-    params = dict(kernel=3, num_filter=4)
-    params.update(kw)
-    c = params["num_filter"]
-    cin = data.shape[1] if data.ndim > 1 else 1
-    w = mx.nd.ones((c, max(cin // params.get("num_group", 1), 1), params["kernel"]),
-                   dtype=data.dtype)
-    one = mx.nd.ones((c,), dtype=data.dtype)
-    return native.conv1d_bn_relu(data, w, one, one, one, one * 0, one, **params)
+    return conv_with_ones(native.conv1d_bn_relu, data, **kw)
 
 
 @pytest.mark.parametrize("call, err, match", [
