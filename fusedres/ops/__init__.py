@@ -9,7 +9,7 @@ import mxnet as mx
 from . import add_relu as _add_relu_op
 from . import conv1d_bn_relu as _conv_op
 from . import native
-from ._common import translate_errors
+from ._common import conv_attrs, translate_errors
 
 # A CustomOp still queued when Python exits runs its callback during interpreter teardown,
 # which hangs or crashes MXNet's shutdown. Registered after MXNet's own exit hook, this runs
@@ -48,9 +48,10 @@ def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *
     F = F or _namespace(data)
     args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
-    kw = dict(op_type=CONV1D_BN_RELU, kernel=kernel, num_filter=num_filter, stride=stride,
-              pad=pad, dilate=dilate, num_group=num_group, no_bias=bias is None, eps=eps,
-              momentum=momentum, use_global_stats=use_global_stats, relu=relu)
+    kw = dict(op_type=CONV1D_BN_RELU, **conv_attrs(
+        kernel, num_filter, stride=stride, pad=pad, dilate=dilate, num_group=num_group,
+        no_bias=bias is None, eps=eps, momentum=momentum, use_global_stats=use_global_stats,
+        relu=relu))
     if name is not None:
         kw["name"] = name
     return _invoke(F, *args, **kw)

@@ -46,6 +46,20 @@ def check_no_zero_size(name, shape):
             f"{name} must have no zero-size dimension, got shape {tuple(shape)}"))
 
 
+# Defaults of the conv op's attributes (mirrored by the CustomOpProp and csrc/mxop).
+CONV_DEFAULTS = dict(stride=1, pad=0, dilate=1, num_group=1, no_bias=False, eps=1e-5,
+                     momentum=0.9, use_global_stats=False, relu=True)
+
+
+def conv_attrs(kernel, num_filter, **given):
+    """The conv op's attributes, leaving out those at their default: MXNet hands every
+    attribute to the op on each call as strings (the native op's per-call cost grows with
+    them, by about a third at a tiny shape), and the saved graphs get shorter."""
+    attrs = dict(kernel=kernel, num_filter=num_filter)
+    attrs.update({k: v for k, v in given.items() if v != CONV_DEFAULTS[k]})
+    return attrs
+
+
 def parse_bool(value):
     if isinstance(value, bool):
         return value

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import mxnet as mx
 
+from ._common import conv_attrs
+
 CONV1D_BN_RELU = "_fusedres_conv1d_bn_relu"
 ADD_RELU = "_fusedres_add_relu"
 LIBRARY_NAME = "libfusedres_mxop.so"
@@ -167,9 +169,9 @@ def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *
     F = F or _namespace(data)
     args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
-    kw = dict(kernel=kernel, num_filter=num_filter, stride=stride, pad=pad, dilate=dilate,
-              num_group=num_group, no_bias=bias is None, eps=eps, momentum=momentum,
-              use_global_stats=use_global_stats, relu=relu)
+    kw = conv_attrs(kernel, num_filter, stride=stride, pad=pad, dilate=dilate,
+                    num_group=num_group, no_bias=bias is None, eps=eps, momentum=momentum,
+                    use_global_stats=use_global_stats, relu=relu)
     if name is not None:
         kw["name"] = name
     return _invoke(F, CONV1D_BN_RELU, *args, **kw)
