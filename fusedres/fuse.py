@@ -2,17 +2,19 @@
 
 Each ``Conv1D -> BatchNorm -> relu`` run becomes one ``ConvBNReLU1D``, and each
 ``Conv1D -> BatchNorm`` not followed by a relu (a residual body's last conv, a projection
-shortcut) one ``ConvBN1D``, holding the very values (weights, running statistics, grad_req,
-dtype, context) of the blocks it replaces. Both also take the stock pair off MXNet 1.9.1's
+shortcut) one ``ConvBN1D``, holding the very ``Parameter`` objects of the blocks it replaces
+(values, running statistics, names, grad_req, lr/wd multipliers, sharing, dtype, context). Both also take the stock pair off MXNet 1.9.1's
 crashing MKLDNN BatchNorm backward. Runs are
 found in ``Sequential``/``HybridSequential`` containers by position, and among the children of
 custom Blocks by tracing one forward pass (``sample=``), since their ``forward`` code is not
 visible. What was fused and what was left, and why, comes back as a ``FuseReport``.
 """
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mxnet as mx
+import numpy as np
 from mxnet.gluon import Block, HybridBlock, nn
 
 from .nn import ConvBN1D, ConvBNReLU1D
@@ -69,35 +71,27 @@ def _why_not(conv, bn):
     return None
 
 
-def _copy_param(src, dst):
-    dst.grad_req = src.grad_req
-    if src._data is not None:
-        dst.shape = src.shape
-        dst.cast(src.dtype)
-        dst.initialize(ctx=src.list_ctx(), force_reinit=True)
-        dst.set_data(src.data(src.list_ctx()[0]))
-    elif src._deferred_init:
-        init, ctx, default_init, _ = src._deferred_init
-        dst.cast(src.dtype)
-        dst.initialize(init=init, ctx=ctx, default_init=default_init)
-
-
-def _fused_from(conv, bn, relu, origin):
-    """ConvBNReLU1D (relu) or ConvBN1D with conv's and bn's parameters."""
+def _fused_from(conv, bn, relu):
+    """ConvBNReLU1D (relu) or ConvBN1D holding conv's and bn's own Parameter objects."""
     k = conv._kwargs
+    own = {"weight": conv.weight, "gamma": bn.gamma, "beta": bn.beta,
+           "running_mean": bn.running_mean, "running_var": bn.running_var}
+    if conv.bias is not None:
+        own["bias"] = conv.bias
     fused = (ConvBNReLU1D if relu else ConvBN1D)(
         conv._channels, k["kernel"], strides=k["stride"], padding=k["pad"],
         dilation=k["dilate"], groups=k["num_group"], use_bias=not k["no_bias"],
         momentum=bn._kwargs["momentum"], epsilon=bn._kwargs["eps"],
         use_global_stats=bn._kwargs["use_global_stats"], in_channels=conv._in_channels,
         prefix=conv.prefix)
-    pairs = [(conv.weight, fused.weight), (bn.gamma, fused.gamma), (bn.beta, fused.beta),
-             (bn.running_mean, fused.running_mean), (bn.running_var, fused.running_var)]
-    if conv.bias is not None:
-        pairs.append((conv.bias, fused.bias))
-    for src, dst in pairs:
-        _copy_param(src, dst)
-        origin[id(dst)] = src
+    # The block's own (never initialized) Parameters give way to the originals, registered
+    # under their own names, as a hybridized graph looks them up by name.
+    for name, param in own.items():
+        fused._reg_params[name] = param  # what hybrid_forward receives
+        object.__setattr__(fused, name, param)  # Block.__setattr__ refuses to replace one
+    fused._params._params = OrderedDict((p.name, p) for p in own.values())
+    if conv._active:
+        fused.hybridize(True, **dict(conv._flags))
     return fused
 
 
@@ -109,7 +103,7 @@ def _describe(conv, bn, act):
             f"{'ConvBNReLU1D' if relu else 'ConvBN1D'}")
 
 
-def _fuse_sequential(seq, path, report, origin, calls):
+def _fuse_sequential(seq, path, report, trace):
     items = list(seq._children.items())
     out, i = [], 0
     while i < len(items):
@@ -122,44 +116,67 @@ def _fuse_sequential(seq, path, report, origin, calls):
             if why is None:
                 relu = act is not None or bn.fuse_relu
                 report.fused.append((f"{path}{i}", _describe(child, bn, act)))
-                out.append(_fused_from(child, bn, relu, origin))
+                out.append(_fused_from(child, bn, relu))
                 i += 3 if act is not None else 2
                 continue
             report.left.append((f"{path}{i}", why))
-        _fuse_tree(child, f"{path}{i}.", report, origin, calls)
+        _fuse_tree(child, f"{path}{i}.", report, trace)
         out.append(child)
         i += 1
     # Renumber like Sequential.add does, so that net[i] and later add() stay consistent.
     seq._children = OrderedDict((str(j), c) for j, c in enumerate(out))
 
 
-def _trace(net, sample):
-    """Calls of each leaf block in one forward pass: block -> (inputs, output)."""
-    calls, handles = {}, []
-
-    def hook(block, inputs, output):
-        calls.setdefault(id(block), []).append((list(inputs), output))
-
-    def leaves(block):
-        if not block._children:
-            yield block
-        for c in block._children.values():
-            yield from leaves(c)
-
+@contextmanager
+def _imperatively(net):
+    """Run net's HybridBlocks imperatively: hooks on children fire only then, and cached
+    graphs built before a replacement would still run the replaced blocks."""
     hybrid = [(b, b._active) for b in _walk(net) if isinstance(b, HybridBlock)]
     for b, _ in hybrid:
-        b._active = False  # hooks on children fire only when run imperatively
+        b._active = False
     try:
-        for leaf in leaves(net):
-            handles.append(leaf.register_forward_hook(hook))
-        with mx.autograd.predict_mode():
-            net(sample)
+        yield
     finally:
-        for h in handles:
-            h.detach()
         for b, active in hybrid:
             b._active = active
-    return calls
+
+
+def _outputs(out):
+    return [o.asnumpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+class _Trace:
+    """One inference-mode forward of the sample: which leaf block was called on what, and the
+    output that every replacement in a custom Block must reproduce."""
+
+    def __init__(self, net, sample):
+        self.net, self.sample, self.calls = net, sample, {}
+
+        def hook(block, inputs, output):
+            self.calls.setdefault(id(block), []).append((list(inputs), output))
+
+        def leaves(block):
+            if not block._children:
+                yield block
+            for c in block._children.values():
+                yield from leaves(c)
+
+        handles = [leaf.register_forward_hook(hook) for leaf in leaves(net)]
+        try:
+            self.want = self._run()
+        finally:
+            for h in handles:
+                h.detach()
+
+    def _run(self):
+        with _imperatively(self.net), mx.autograd.predict_mode():
+            return _outputs(self.net(self.sample))
+
+    def unchanged(self):
+        got = self._run()
+        return all(g.shape == w.shape and
+                   np.max(np.abs(g - w), initial=0) <= 1e-4 * max(1.0, np.max(np.abs(w), initial=0))
+                   for g, w in zip(got, self.want))
 
 
 def _walk(block):
@@ -168,18 +185,20 @@ def _walk(block):
         yield from _walk(c)
 
 
-def _fuse_custom(block, path, report, origin, calls):
+def _fuse_custom(block, path, report, trace):
     """Among a custom Block's children: a conv whose only consumer is a BatchNorm (and that
     BatchNorm's only consumer a relu block), each called once, becomes the fused block; the
-    others become identities, so the unchanged forward code computes the fused result."""
+    others become identities, so the unchanged forward code computes the fused result. What
+    the hooks cannot see (an output also used by plain operators) is caught by running the
+    sample again: a replacement that changes the output is undone."""
     children = list(block._children.items())
-    if calls is None:
+    if trace is None:
         for name, child in children:
             if isinstance(child, nn.Conv1D):
                 report.left.append((f"{path}{name}", "inside a custom Block: pass sample= to "
                                     "fuse() so that its forward can be traced"))
         return
-    consumers = {}
+    calls, consumers = trace.calls, {}
     for bid, lst in calls.items():
         for inputs, _ in lst:
             for x in inputs:
@@ -199,16 +218,27 @@ def _fuse_custom(block, path, report, origin, calls):
         bn_entry = by_id.get(only_consumer(conv))
         bn = bn_entry[1] if bn_entry else None
         why = _why_not(conv, bn)
+        if why is None and len(calls.get(id(bn), [])) != 1:
+            why = "the BatchNorm block also runs elsewhere"
         if why is not None:
             report.left.append((f"{path}{name}", why + " (as traced)"))
             continue
         act_entry = by_id.get(only_consumer(bn))
         act = act_entry[1] if act_entry and _is_relu(act_entry[1]) and not bn.fuse_relu else None
-        report.fused.append((f"{path}{name}", _describe(conv, bn, act)))
-        _set_child(block, name, _fused_from(conv, bn, act is not None or bn.fuse_relu, origin))
+        if act is not None and len(calls.get(id(act), [])) != 1:
+            act = None  # the relu block also runs elsewhere: keep it, fuse conv + bn only
+        replaced = [(name, conv), (bn_entry[0], bn)] + ([(act_entry[0], act)] if act else [])
+        _set_child(block, name, _fused_from(conv, bn, act is not None or bn.fuse_relu))
         _set_child(block, bn_entry[0], _Identity(prefix=bn.prefix))
         if act is not None:
             _set_child(block, act_entry[0], _Identity(prefix=act.prefix))
+        if not trace.unchanged():
+            for child_name, original in replaced:
+                _set_child(block, child_name, original)
+            report.left.append((f"{path}{name}", "fusing changed the model's output (an output "
+                                "of the run is also used outside blocks): left unchanged"))
+            continue
+        report.fused.append((f"{path}{name}", _describe(conv, bn, act)))
 
 
 def _set_child(block, name, child):
@@ -217,14 +247,14 @@ def _set_child(block, name, child):
     object.__setattr__(block, name, child)
 
 
-def _fuse_tree(block, path, report, origin, calls):
+def _fuse_tree(block, path, report, trace):
     if isinstance(block, (nn.Sequential, nn.HybridSequential)):
-        _fuse_sequential(block, path, report, origin, calls)
+        _fuse_sequential(block, path, report, trace)
         return
     for name, child in list(block._children.items()):
-        _fuse_tree(child, f"{path}{name}.", report, origin, calls)
+        _fuse_tree(child, f"{path}{name}.", report, trace)
     if type(block) not in (Block, HybridBlock) and block._children:
-        _fuse_custom(block, path, report, origin, calls)
+        _fuse_custom(block, path, report, trace)
 
 
 def fuse(net, sample=None):
@@ -233,7 +263,7 @@ def fuse(net, sample=None):
     Parameters
     ----------
     net : Block
-        A Gluon model; its parameters (initialized or deferred) carry over to the fused blocks.
+        A Gluon model; its Parameters (initialized or deferred) become the fused blocks'.
     sample : NDArray, optional
         One input batch. Needed to fuse runs called from a custom Block's ``forward``: one
         inference-mode forward pass is traced to see which block feeds which. Runs inside
@@ -244,22 +274,23 @@ def fuse(net, sample=None):
     FuseReport
         What was fused and what was left unchanged, with the reason.
 
-    Create the ``gluon.Trainer`` after calling ``fuse`` (it holds the parameters it was given).
-    ``load_unfused_parameters(net, path)`` then loads ``.params`` files saved from the stock model.
+    The Parameters stay the same objects, so a ``gluon.Trainer`` made before still applies.
+    ``load_unfused_parameters(net, path)`` loads ``.params`` files saved from the stock model
+    (``save_parameters`` names change where blocks were merged).
     """
-    report, origin = FuseReport(), {}
-    before = {id(p): name for name, p in net._collect_params_with_prefix().items()}
-    calls = _trace(net, sample) if sample is not None else None
-    _fuse_tree(net, "", report, origin, calls)
+    report = FuseReport()
+    before = {}  # a shared Parameter has several structural names
+    for name, p in net._collect_params_with_prefix().items():
+        before.setdefault(id(p), []).append(name)
+    _fuse_tree(net, "", report, _Trace(net, sample) if sample is not None else None)
     for b in _walk(net):
         if isinstance(b, HybridBlock):
             b._clear_cached_op()
     old_map = getattr(net, _PARAM_MAP_ATTR, {})
     new_map = {}
     for name, p in net._collect_params_with_prefix().items():
-        src = origin.get(id(p), p)
-        old = before[id(src)]
-        new_map[name] = old_map.get(old, old)
+        # The fused blocks hold the original Parameter objects: map by identity.
+        new_map[name] = [o for old in before[id(p)] for o in old_map.get(old, [old])]
     object.__setattr__(net, _PARAM_MAP_ATTR, new_map)
     return report
 
@@ -272,12 +303,13 @@ def load_unfused_parameters(net, path, ctx=None, allow_missing=False, ignore_ext
         raise ValueError("net has not been through fusedres.fuse(); use net.load_parameters")
     loaded = mx.nd.load(path)
     params = net._collect_params_with_prefix()
-    missing = [n for n in params if mapping[n] not in loaded]
+    found = {n: next((o for o in mapping[n] if o in loaded), None) for n in params}
+    missing = [mapping[n][0] for n in params if found[n] is None]
     if missing and not allow_missing:
-        raise ValueError(f"{path} has no value for {', '.join(mapping[n] for n in missing)}")
-    extra = set(loaded) - {mapping[n] for n in params}
+        raise ValueError(f"{path} has no value for {', '.join(missing)}")
+    extra = set(loaded) - {o for n in params for o in mapping[n]}
     if extra and not ignore_extra:
         raise ValueError(f"{path} has parameters the model lacks: {', '.join(sorted(extra))}")
     for name, p in params.items():
-        if mapping[name] in loaded:
-            p._load_init(loaded[mapping[name]], ctx or mx.cpu(), cast_dtype=False)
+        if found[name] is not None:
+            p._load_init(loaded[found[name]], ctx, cast_dtype=False)

@@ -412,3 +412,44 @@ def test_blocks_fall_back_to_customops_for_grad_req_add():
 def test_library_load_is_idempotent():
     assert native.load() == native.load() == native.library_path()
     assert os.path.isabs(native.library_path())
+
+
+def test_blocks_use_customops_for_marked_inputs():
+    """An input marked with grad_req='add' accumulates: the block picks the CustomOp, since an
+    input's grad_req cannot be read back."""
+    from fusedres.nn import AddReLU, ConvBNReLU1D
+    x0 = mx.nd.random.normal(shape=(2, 4, 9))
+    sums = []
+    for hybridize in (False, True):
+        blk, join = ConvBNReLU1D(4, 3, padding=1, in_channels=4), AddReLU()
+        blk.initialize(mx.init.One())
+        if hybridize:
+            blk.hybridize()
+            join.hybridize()
+        x = x0.copy()
+        x.attach_grad(grad_req="add")
+        for _ in range(2):
+            with autograd.record():
+                y = join(blk(x), x)
+            y.backward()
+        assert blk._impl() is fusedres.ops
+        sums.append(x.grad.asnumpy())
+        x1 = x0.copy()
+        x1.attach_grad()
+        with autograd.record():
+            y = join(blk(x1), x1)
+        y.backward()
+        assert_close(x.grad.asnumpy(), 2 * x1.grad.asnumpy(), np.float32, "accumulated")
+    assert_close(sums[1], sums[0], np.float32, "hybridized == imperative")
+
+
+def test_switching_to_grad_req_add_under_a_native_graph_warns():
+    from fusedres.nn import ConvBNReLU1D
+    from mxnet.gluon import nn
+    net = nn.HybridSequential()
+    net.add(ConvBNReLU1D(4, 3, padding=1, in_channels=4))
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.ones((1, 4, 8)))
+    with pytest.warns(RuntimeWarning, match="call hybridize\\(\\) again"):
+        net.collect_params().setattr("grad_req", "add")

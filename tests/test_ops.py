@@ -126,6 +126,20 @@ def test_grad_req_add_accumulates_and_null_skips():
     assert arrs["data"].grad is None
 
 
+def test_second_backward_with_retain_graph():
+    inp, conv = conv_inputs(CONV_CASES[0].values[0], np.float64, seed=12)
+    _, dy, grads, _, _ = _reference(inp, conv)
+    arrs = _nd(inp)
+    with autograd.record():
+        y = fusedres.conv1d_bn_relu(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"],
+                                    arrs["beta"], arrs["running_mean"], arrs["running_var"],
+                                    **conv)
+    y.backward(mx.nd.array(dy, dtype=y.dtype), retain_graph=True)
+    y.backward(mx.nd.array(dy, dtype=y.dtype))
+    for k in GRAD_NAMES:
+        assert_close(arrs[k].grad.asnumpy(), grads[k], np.float64, f"{k} after 2nd backward")
+
+
 def _conv_symbol(conv, no_bias):
     names = ["data", "weight"] + ([] if no_bias else ["bias"]) + ["gamma", "beta"]
     v = {n: mx.sym.var(n) for n in names + ["running_mean", "running_var"]}

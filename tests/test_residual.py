@@ -144,3 +144,20 @@ def test_skip_connection_errors():
     skip.initialize()
     with pytest.raises(ValueError, match=r"rhs must have the same shape as lhs"):
         skip(mx.nd.ones((2, 6, 9)))
+
+
+def test_residual_block_inside_hybridized_parent():
+    net = nn.HybridSequential()
+    net.add(ConvBNReLU1D(8, 3, padding=1), ResidualBlock1D(8, 3), ResidualBlock1D(8, 3,
+                                                                                    strides=2))
+    net.initialize()
+    x = mx.nd.random.normal(shape=(2, 8, 16))
+    want = net(x).asnumpy()
+    net.hybridize()
+    assert_close(net(x).asnumpy(), want, np.float32, "hybridized parent")
+
+
+def test_blocks_take_numpy_ints():
+    blk = ConvBNReLU1D(np.int64(8), np.int32(3), padding=np.int64(1))
+    blk.initialize()
+    assert blk(mx.nd.ones((1, 4, 9))).shape == (1, 8, 9)

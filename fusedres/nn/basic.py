@@ -1,8 +1,11 @@
 """Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu), ConvBN1D and AddReLU."""
+import numbers
 import os
+import warnings
 
 import mxnet as mx
-from mxnet.gluon import HybridBlock
+import numpy as np
+from mxnet.gluon import HybridBlock, Parameter
 
 from .. import ops
 from ..ops import native, translate_errors
@@ -13,9 +16,25 @@ def _single(value, name):
         if len(value) != 1:
             raise ValueError(f"{name} must be an int or a 1-tuple for a 1-D conv, got {value}")
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    return value
+    return int(value)
+
+
+class _WatchedParameter(Parameter):
+    """A Parameter of a graph built with the native ops, which cannot accumulate gradients:
+    switching its grad_req to 'add' warns, since a hybridized parent keeps that graph."""
+
+    @Parameter.grad_req.setter
+    def grad_req(self, req):
+        if req == "add" and self._grad_req != "add":
+            warnings.warn(
+                f"{self.name}: grad_req='add' on a parameter of a fused block whose graph was "
+                "built with the native ops, which overwrite gradients; call hybridize() again "
+                "on the hybridized block that contains it, so that it is rebuilt with the "
+                "CustomOps (a fused block called directly rebuilds by itself)", RuntimeWarning,
+                stacklevel=2)
+        Parameter.grad_req.fset(self, req)
 
 
 class _TranslatingBlock(HybridBlock):
@@ -26,8 +45,10 @@ class _TranslatingBlock(HybridBlock):
     built-in op's per-call cost) where they compute exactly what the CustomOps compute, else
     the CustomOps (``fusedres.ops``). ``use_native``: None (default) decides with
     ``native.native_ok`` (library loaded, CPU, no grad_req='add', not hybridized with
-    static_alloc, $FUSEDRES_NATIVE not '0'); True requires the native ops; False never uses
-    them. The choice is made when a graph is built; hybridize() again after changing grad_req.
+    static_alloc, no input marked with attach_grad, $FUSEDRES_NATIVE not '0'); True requires
+    the native ops; False never uses them. The choice is made when a graph is built; a fused
+    block called directly rebuilds its graph when grad_req or its inputs change, but inside a
+    hybridized parent call the parent's hybridize() again after switching grad_req to 'add'.
     """
 
     def __init__(self, use_native=None, **kwargs):
@@ -35,14 +56,28 @@ class _TranslatingBlock(HybridBlock):
         self._use_native = use_native
         self._static_alloc = False
         self._ctx_hint = None
+        self._marked_input = False
+        self._graph_key = None
 
     def hybridize(self, active=True, **kwargs):
         self._static_alloc = bool(kwargs.get("static_alloc", False))
         super().hybridize(active, **kwargs)
 
     def forward(self, *args):
-        if args and isinstance(args[0], mx.nd.NDArray):
-            self._ctx_hint = args[0].context
+        arrays = [a for a in args if isinstance(a, mx.nd.NDArray)]
+        # Called with Symbols: inside a hybridized parent, whose data we cannot see.
+        self._ctx_hint = arrays[0].context if arrays else None
+        # An input marked for a gradient may have grad_req='add', which only the CustomOps
+        # honour (its grad_req cannot be read back from Python).
+        self._marked_input = any(a.grad is not None for a in arrays)
+        if self._active and arrays:
+            # The implementation is chosen when the graph is built: build again when what the
+            # choice depends on has changed since (e.g. grad_req switched to 'add').
+            key = (self._marked_input, self._ctx_hint,
+                   tuple(p.grad_req for p in self.collect_params().values()))
+            if key != self._graph_key:
+                self._clear_cached_op()
+                self._graph_key = key
         with translate_errors(), native.translate_errors():
             return super().forward(*args)
 
@@ -63,7 +98,13 @@ class _TranslatingBlock(HybridBlock):
             return ops
         ok, why = native.native_ok(self.collect_params().values(), ctx=self._context(),
                                    static_alloc=self._static_alloc)
+        if ok and self._marked_input:
+            ok, why = False, ("an input is marked for a gradient (attach_grad), whose grad_req "
+                              "may be 'add'")
         if ok:
+            for p in self.collect_params().values():
+                if p._differentiable:
+                    p.__class__ = _WatchedParameter
             return native
         if self._use_native:
             raise ValueError(f"use_native=True but the native ops cannot be used: {why}")

@@ -1,5 +1,6 @@
 """Residual blocks built from the fused ops: the seed's RES_CNN1D done right, gluon-cv's
 BasicBlockV1 in 1-D, and a Flux-style SkipConnection around any block."""
+import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from .basic import AddReLU, ConvBN1D, ConvBNReLU1D, _single, _TranslatingBlock
@@ -83,7 +84,9 @@ class ResidualBlock1D(_TranslatingBlock):
             self.join = AddReLU(prefix="join_")
 
     def forward(self, x, *args):
-        if self._may_infer_identity and x.shape[1] != self._channels:
+        # Inside a hybridized parent x is a Symbol: the add+relu's shape check speaks then.
+        if (self._may_infer_identity and isinstance(x, mx.nd.NDArray)
+                and x.shape[1] != self._channels):
             raise ValueError(
                 f"input has {x.shape[1]} channels but the block outputs {self._channels}: the "
                 "identity shortcut cannot be added. Pass in_channels="

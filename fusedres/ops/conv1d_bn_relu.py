@@ -70,6 +70,7 @@ class Conv1dBNReLU(mx.operator.CustomOp):
         x, w, bias, gamma, beta = self._inputs(in_data)
         rm, rv = be.view_out(aux[0]), be.view_out(aux[1])
         out = Target(be, req[0], out_data[0])
+        self.saved = None
         if out.req == "null":
             return
         if is_train:
@@ -77,7 +78,6 @@ class Conv1dBNReLU(mx.operator.CustomOp):
                                 batch_stats=not p.use_global_stats)
         else:
             # Inference: batchnorm folded into the conv, one pass, nothing kept.
-            self.saved = None
             be.kernels.conv1d_bn_relu_forward_infer(x, w, bias, gamma, beta, rm, rv, out.buf,
                                                     eps=p.eps, **self._conv_args())
         out.commit()
@@ -107,7 +107,8 @@ class Conv1dBNReLU(mx.operator.CustomOp):
             batch_stats=batch_stats, **self._conv_args())
         for t in targets.values():
             t.commit()
-        self.saved = None
+        # self.saved stays: a second backward (retain_graph=True) needs it again; it goes
+        # with this op instance when MXNet drops the recorded graph.
 
 
 @mx.operator.register(OP_NAME)
