@@ -299,3 +299,23 @@ def test_exit_with_queued_ops_does_not_hang():
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=60, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_float16_types_follow_gluon_batchnorm():
+    """Under cast('float16') BatchNorm keeps its parameters float32; the fused op's types
+    follow (the float16 kernels are GPU-only, so only type inference is checked here)."""
+    blk = ConvBNReLU1D(4, 3, in_channels=2)
+    blk.cast("float16")
+    assert np.dtype(blk.weight.dtype) == np.float16 == np.dtype(blk.bias.dtype)
+    assert {np.dtype(p.dtype) for p in (blk.gamma, blk.beta, blk.running_mean,
+                                        blk.running_var)} == {np.dtype(np.float32)}
+    sym = fusedres.conv1d_bn_relu(*(mx.sym.var(n) for n in ["data", "w", "b", "g", "be", "rm",
+                                                             "rv"]), kernel=3, num_filter=4)
+    args, outs, aux = sym.infer_type(data=np.float16)
+    assert args == [np.float16] * 3 + [np.float32] * 2 and outs == [np.float16]
+    assert aux == [np.float32] * 2
+    args, _, _ = sym.infer_type(data=np.float16, g=np.float16)
+    assert args[3:] == [np.float16] * 2
+    with pytest.raises(TypeError, match="data must be float32 or float64.*CPU"):
+        blk.initialize()
+        blk(mx.nd.ones((1, 2, 8), dtype="float16"))

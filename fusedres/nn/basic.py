@@ -209,6 +209,14 @@ class ConvBNReLU1D(_TranslatingBlock):
                 "running_var", grad_req="null", shape=(c,), init=running_variance_initializer,
                 allow_deferred_init=True, differentiable=False)
 
+    def cast(self, dtype):
+        """As ``nn.Conv1D`` + ``nn.BatchNorm``: under float16 the BatchNorm parameters and running
+        statistics stay float32."""
+        super().cast(dtype)
+        if np.dtype(dtype) == np.float16:
+            for p in (self.gamma, self.beta, self.running_mean, self.running_var):
+                p.cast("float32")
+
     def hybrid_forward(self, F, x, weight, gamma, beta, running_mean, running_var, bias=None):
         return self._impl().conv1d_bn_relu(
             x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,

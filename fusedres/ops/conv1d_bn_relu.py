@@ -54,7 +54,7 @@ class Conv1dBNReLU(mx.operator.CustomOp):
         be, p = self.backend, self.p
         cout = w.shape[0]
         z = be.empty(out.shape, x.dtype)
-        mean, invstd = be.empty((cout,), x.dtype), be.empty((cout,), x.dtype)
+        mean, invstd = be.empty((cout,), gamma.dtype), be.empty((cout,), gamma.dtype)
         be.kernels.conv1d_bn_relu_forward_train(
             x, w, bias, gamma, beta, rm, rv, z, mean, invstd, out, eps=p.eps,
             momentum=p.momentum, use_batch_stats=batch_stats, update_running=batch_stats,
@@ -193,8 +193,17 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
     def infer_type(self, in_type):
         self._raise_if_invalid()
         names = self.list_arguments()
-        dt = check_dtypes(names, in_type, allowed=(np.float32, np.float64, np.float16))
-        return [dt] * len(names), [dt], [dt, dt]
+        n_conv = len(names) - 2  # data, weight[, bias]; then gamma, beta
+        dt = check_dtypes(names[:n_conv], in_type[:n_conv],
+                          allowed=(np.float32, np.float64, np.float16))
+        if dt is np.float16:
+            # As Gluon keeps BatchNorm under cast('float16'): gamma, beta and the running
+            # statistics float32 by default (float16 accepted too), float32 statistics inside.
+            pt = check_dtypes(names[n_conv:], in_type[n_conv:],
+                              allowed=(np.float32, np.float16))
+        else:
+            pt = check_dtypes(names, in_type, allowed=(np.float32, np.float64))
+        return [dt] * n_conv + [pt] * 2, [dt], [pt, pt]
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
         # The kernel needs out_grad and the inputs (the forward keeps the conv output), but
