@@ -74,7 +74,7 @@ class _TranslatingBlock(HybridBlock):
             # The implementation is chosen when the graph is built: build again when what the
             # choice depends on has changed since (e.g. grad_req switched to 'add').
             key = (self._marked_input, self._ctx_hint,
-                   tuple(p.grad_req for p in self.collect_params().values()))
+                   tuple(p.grad_req for p in self._reg_params.values()))
             if key != self._graph_key:
                 self._clear_cached_op()
                 self._graph_key = key
