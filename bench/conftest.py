@@ -82,7 +82,9 @@ class Results:
                 f"| {r['group']} | {r['mode']} | {ms('fused')} | {ms('stock')} | {ms('torch')} | "
                 f"{ms('torch folded')} | {rate:.1f} {r['unit']} | {pct} | {ratio('stock')} | "
                 f"{ratio('torch')} | {ratio('torch folded')} |")
-        lines += ["", "Ratios are fused time / peer time: below 1 means fused is faster.", ""]
+        lines += ["", "Ratios are fused time / peer time: below 1 means fused is faster. "
+                  "In the training steps the input needs a gradient too, as inside a network, "
+                  "for every contender.", ""]
         (HERE / "results_cpu.md").write_text("\n".join(lines))
         self._chart()
 

@@ -414,9 +414,9 @@ def test_library_load_is_idempotent():
     assert os.path.isabs(native.library_path())
 
 
-def test_blocks_use_customops_for_marked_inputs():
-    """An input marked with grad_req='add' accumulates: the block picks the CustomOp, since an
-    input's grad_req cannot be read back."""
+def test_blocks_use_customops_for_accumulating_inputs():
+    """An input marked with grad_req='add' accumulates: the block picks the CustomOp; an input
+    marked 'write' keeps the native op."""
     from fusedres.nn import AddReLU, ConvBNReLU1D
     x0 = mx.nd.random.normal(shape=(2, 4, 9))
     sums = []
@@ -440,6 +440,9 @@ def test_blocks_use_customops_for_marked_inputs():
             y = join(blk(x1), x1)
         y.backward()
         assert_close(x.grad.asnumpy(), 2 * x1.grad.asnumpy(), np.float32, "accumulated")
+        assert blk._impl() is native  # x1 is marked 'write'
+        blk._marked_input = fusedres.ops._common.marked_inputs.may_accumulate(x)
+        assert blk._impl() is fusedres.ops
     assert_close(sums[1], sums[0], np.float32, "hybridized == imperative")
 
 

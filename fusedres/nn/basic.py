@@ -9,6 +9,7 @@ from mxnet.gluon import HybridBlock, Parameter
 
 from .. import ops
 from ..ops import native, translate_errors
+from ..ops._common import marked_inputs
 
 
 def _single(value, name):
@@ -45,7 +46,7 @@ class _TranslatingBlock(HybridBlock):
     built-in op's per-call cost) where they compute exactly what the CustomOps compute, else
     the CustomOps (``fusedres.ops``). ``use_native``: None (default) decides with
     ``native.native_ok`` (library loaded, CPU, no grad_req='add', not hybridized with
-    static_alloc, no input marked with attach_grad, $FUSEDRES_NATIVE not '0'); True requires
+    static_alloc, no input with grad_req='add', $FUSEDRES_NATIVE not '0'); True requires
     the native ops; False never uses them. The choice is made when a graph is built; a fused
     block called directly rebuilds its graph when grad_req or its inputs change, but inside a
     hybridized parent call the parent's hybridize() again after switching grad_req to 'add'.
@@ -67,9 +68,8 @@ class _TranslatingBlock(HybridBlock):
         arrays = [a for a in args if isinstance(a, mx.nd.NDArray)]
         # Called with Symbols: inside a hybridized parent, whose data we cannot see.
         self._ctx_hint = arrays[0].context if arrays else None
-        # An input marked for a gradient may have grad_req='add', which only the CustomOps
-        # honour (its grad_req cannot be read back from Python).
-        self._marked_input = any(a.grad is not None for a in arrays)
+        # An input whose gradient accumulates (grad_req='add') needs the CustomOps.
+        self._marked_input = any(marked_inputs.may_accumulate(a) for a in arrays)
         if self._active and arrays:
             # The implementation is chosen when the graph is built: build again when what the
             # choice depends on has changed since (e.g. grad_req switched to 'add').
@@ -99,8 +99,7 @@ class _TranslatingBlock(HybridBlock):
         ok, why = native.native_ok(self.collect_params().values(), ctx=self._context(),
                                    static_alloc=self._static_alloc)
         if ok and self._marked_input:
-            ok, why = False, ("an input is marked for a gradient (attach_grad), whose grad_req "
-                              "may be 'add'")
+            ok, why = False, "an input's gradient accumulates (grad_req='add')"
         if ok:
             for p in self.collect_params().values():
                 if p._differentiable:

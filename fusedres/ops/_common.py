@@ -2,6 +2,7 @@
 import ast
 import ctypes
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
 import mxnet as mx
@@ -117,6 +118,56 @@ def _mx_data_pointer(arr):
     ptr = ctypes.c_void_p()
     mx.base.check_call(mx.base._LIB.MXNDArrayGetData(arr.handle, ctypes.byref(ptr)))
     return ptr.value
+
+
+class _MarkedInputs:
+    """The grad_req of NDArrays marked with ``attach_grad``, which MXNet cannot report back.
+
+    ``NDArray.attach_grad`` is wrapped to note, per array, the address of the gradient buffer
+    it attached and the grad_req; a lookup is trusted only while the array's gradient buffer
+    is still that one. The native ops need it: they cannot accumulate into an input's
+    gradient, so an input marked 'add' (or marked some other way) must go to the CustomOps.
+    """
+
+    _MAX = 4096  # most recent markings kept
+
+    def __init__(self):
+        self._reqs = OrderedDict()
+        self._lock = threading.Lock()
+        original = mx.nd.NDArray.attach_grad
+        if getattr(original, "_fusedres_wrapped", False):
+            return
+        table = self
+
+        def attach_grad(self, grad_req="write", stype=None):
+            original(self, grad_req, stype)
+            table._note(self, grad_req)
+        attach_grad.__doc__ = original.__doc__
+        attach_grad._fusedres_wrapped = True
+        mx.nd.NDArray.attach_grad = attach_grad
+
+    def _note(self, arr, grad_req):
+        grad = arr.grad
+        if grad is None or grad.stype != "default":
+            return
+        with self._lock:
+            self._reqs[arr.handle.value] = (_mx_data_pointer(grad), grad_req)
+            self._reqs.move_to_end(arr.handle.value)
+            while len(self._reqs) > self._MAX:
+                self._reqs.popitem(last=False)
+
+    def may_accumulate(self, arr):
+        """False when arr is not marked, or marked by attach_grad with 'write' or 'null'."""
+        grad = arr.grad
+        if grad is None:
+            return False
+        entry = self._reqs.get(arr.handle.value)
+        if entry is None or entry[0] != _mx_data_pointer(grad):
+            return True  # marked in a way we did not see: assume the worst
+        return entry[1] == "add"
+
+
+marked_inputs = _MarkedInputs()
 
 
 def numpy_view(arr):
