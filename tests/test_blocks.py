@@ -319,3 +319,19 @@ def test_float16_types_follow_gluon_batchnorm():
     with pytest.raises(TypeError, match="data must be float32 or float64.*CPU"):
         blk.initialize()
         blk(mx.nd.ones((1, 2, 8), dtype="float16"))
+
+
+@pytest.mark.parametrize("use_native", [False, True], ids=["custom-ops", "native-ops"])
+def test_input_from_an_mkldnn_operator(use_native):
+    """A stock MKLDNN conv may hand over its output in a blocked layout; the fused ops must
+    read the values, not the raw memory (the CustomOp alone would read garbage)."""
+    conv = nn.Conv1D(16, 3, padding=1, in_channels=8)
+    fused = ConvBNReLU1D(16, 3, padding=1, in_channels=16, use_native=use_native)
+    join = AddReLU(use_native=use_native)
+    for b in (conv, fused, join):
+        b.initialize()
+    x = mx.nd.random.normal(shape=(4, 8, 32))
+    h = conv(x)
+    plain = mx.nd.array(h.asnumpy())
+    assert_close(fused(h).asnumpy(), fused(plain).asnumpy(), np.float32, "conv1d_bn_relu")
+    assert_close(join(h, h).asnumpy(), join(plain, plain).asnumpy(), np.float32, "add_relu")

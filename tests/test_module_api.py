@@ -222,9 +222,11 @@ def test_plot_network_shows_fused_nodes():
     assert src.count("fusedres_add_relu") == 1
     for node in ("c1", "c2", "join", "fc", "softmax"):
         assert f"\t{node} [" in src, node
-    # Edges carry the inferred shapes (channels x width, batch left out).
-    assert "c2 -> c1 [label=\"8x16\"" in src
-    assert "join -> c1 [label=\"8x16\"" in src and "join -> c2 [label=\"8x16\"" in src
+    # Edges carry the inferred shapes (channels x width, batch left out). The functional forms
+    # feed the CustomOps through identity nodes that undo MKLDNN layouts (c1 is a bare
+    # mx.sym.Custom, without one).
+    assert "c2 -> c2_data [label=\"8x16\"" in src and "c2_data -> c1 [label=\"8x16\"" in src
+    assert "join_lhs -> c1 [label=\"8x16\"" in src and "join_rhs -> c2 [label=\"8x16\"" in src
     assert "c1 -> data [label=\"4x16\"" in src
     # Weights and running statistics are hidden like stock ops' (hide_weights=True).
     assert "c1_weight" not in src and "running_mean" not in src
@@ -237,8 +239,8 @@ def test_print_summary_with_fused_ops(capsys):
             if line and line.split()[0].endswith(")") and "(" in line.split()[0]}
     # It runs, lists the fused nodes as Custom with their output shapes and inputs...
     assert rows["c1(Custom)"][1:] == ["8x16", "0", "data"]
-    assert rows["c2(Custom)"][1:] == ["8x16", "0", "c1"]
-    assert rows["join(Custom)"][1:] == ["8x16", "0", "c1"]
+    assert rows["c2(Custom)"][1:] == ["8x16", "0", "c2_data"]
+    assert rows["join(Custom)"][1:] == ["8x16", "0", "join_lhs"]
     # ...but MXNet's print_summary counts parameters only for the op types it knows
     # (Convolution, FullyConnected, BatchNorm, ...): a Custom op's parameters are reported as
     # 0, so the total leaves them out. (The FullyConnected is counted from its input's first

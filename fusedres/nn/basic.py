@@ -92,6 +92,15 @@ class _TranslatingBlock(HybridBlock):
                 continue
         return None
 
+    def _impl_kwargs(self):
+        """The implementation for the graph being built now, and its extra arguments: the
+        CustomOps get their inputs in the plain layout on the CPU (see ops._plain)."""
+        impl = self._impl()
+        if impl is native:
+            return impl, {}
+        ctx = self._context()
+        return impl, {"plain_layout": ctx is None or ctx.device_type != "gpu"}
+
     def _impl(self):
         """fusedres.ops.native or fusedres.ops, for the graph being built now."""
         if self._use_native is False or os.environ.get("FUSEDRES_NATIVE", "1") == "0":
@@ -217,12 +226,13 @@ class ConvBNReLU1D(_TranslatingBlock):
                 p.cast("float32")
 
     def hybrid_forward(self, F, x, weight, gamma, beta, running_mean, running_var, bias=None):
-        return self._impl().conv1d_bn_relu(
+        impl, extra = self._impl_kwargs()
+        return impl.conv1d_bn_relu(
             x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,
             num_filter=self._channels, stride=self._stride, pad=self._pad,
             dilate=self._dilate, num_group=self._groups, eps=self._epsilon,
             momentum=self._momentum, use_global_stats=self._use_global_stats, relu=self._relu,
-            name="fwd", F=F)
+            name="fwd", F=F, **extra)
 
     def __repr__(self):
         in_ch = self.weight.shape[1] * self._groups if self.weight.shape[1] else None
@@ -266,7 +276,8 @@ class AddReLU(_TranslatingBlock):
     """
 
     def hybrid_forward(self, F, lhs, rhs):
-        return self._impl().add_relu(lhs, rhs, name="fwd", F=F)
+        impl, extra = self._impl_kwargs()
+        return impl.add_relu(lhs, rhs, name="fwd", F=F, **extra)
 
     def __repr__(self):
         return f"{self.__class__.__name__}()"

@@ -28,6 +28,18 @@ def _namespace(x):
     return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
 
 
+def _plain(F, x, plain_layout, name=None):
+    """x as the CustomOp may read it. MXNet hands a CustomOp the raw memory of its inputs, and
+    an MKLDNN operator's output can be in a blocked layout that then reads as garbage; the
+    identity operator converts it (one copy). Needed on the CPU only: None decides by the
+    NDArray's device, and for Symbols (device unknown) inserts it."""
+    if plain_layout is None:
+        plain_layout = F is mx.sym or x.context.device_type != "gpu"
+    if not plain_layout:
+        return x
+    return F.identity(x, name=name) if name is not None else F.identity(x)
+
+
 def _invoke(F, *args, **kwargs):
     if F is mx.sym:
         return F.Custom(*args, **kwargs)
@@ -37,16 +49,17 @@ def _invoke(F, *args, **kwargs):
 
 def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
                    num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
-                   use_global_stats=False, relu=True, name=None, F=None):
+                   use_global_stats=False, relu=True, name=None, F=None, plain_layout=None):
     """relu(BatchNorm(Convolution(data))) fused, for NDArrays or Symbols.
 
     Mirrors ``Convolution(kernel=(k,), ...)`` followed by ``BatchNorm(fix_gamma=False, ...)``
-    and ``relu`` (``relu=False``: no relu). ``bias=None`` means no conv bias. With autograd in training mode (or a
-    Symbol executor with ``is_train=True``) the batch statistics normalize and the running
-    statistics are updated in place; otherwise the running statistics are used.
+    and ``relu`` (``relu=False``: no relu). ``bias=None`` means no conv bias. With autograd in
+    training mode (or a Symbol executor with ``is_train=True``) the batch statistics normalize
+    and the running statistics are updated in place; otherwise the running statistics are used.
+    ``plain_layout``: see ``_plain`` (None is right unless you know the data's device).
     """
     F = F or _namespace(data)
-    args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
+    args = [_plain(F, data, plain_layout, name and f"{name}_data"), weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
     kw = dict(op_type=CONV1D_BN_RELU, **conv_attrs(
         kernel, num_filter, stride=stride, pad=pad, dilate=dilate, num_group=num_group,
@@ -71,13 +84,14 @@ def conv1d_bn_relu_symbol(data, *, num_filter, kernel, name, no_bias=False, **kw
         name=name, F=mx.sym, **kwargs)
 
 
-def add_relu(lhs, rhs, name=None, F=None):
+def add_relu(lhs, rhs, name=None, F=None, plain_layout=None):
     """relu(lhs + rhs) fused, for NDArrays or Symbols of the same shape."""
     F = F or _namespace(lhs)
     kw = dict(op_type=ADD_RELU)
     if name is not None:
         kw["name"] = name
-    return _invoke(F, lhs, rhs, **kw)
+    return _invoke(F, _plain(F, lhs, plain_layout, name and f"{name}_lhs"),
+                   _plain(F, rhs, plain_layout, name and f"{name}_rhs"), **kw)
 
 
 __all__ = ["conv1d_bn_relu", "conv1d_bn_relu_symbol", "add_relu", "CONV1D_BN_RELU", "ADD_RELU", "translate_errors"]
