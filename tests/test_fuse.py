@@ -220,3 +220,20 @@ def test_fuse_keeps_parameter_objects_sharing_and_multipliers(tmp_path):
     # load_unfused_parameters keeps the model's context (here cpu(1)).
     fusedres.load_unfused_parameters(net, str(tmp_path / "stock.params"))
     assert net[0].weight.list_ctx() == [mx.cpu(1)]
+
+
+@pytest.mark.parametrize("native", ["0", "1"], ids=["custom-ops", "native-ops"])
+def test_fuse_after_stock_mkldnn_inference(monkeypatch, native):
+    """MKLDNN reorders a stock Conv1D's weight in place during inference; fused blocks that
+    take over that Parameter must still read its values."""
+    monkeypatch.setenv("FUSEDRES_NATIVE", native)
+    net = nn.HybridSequential()
+    net.add(nn.Conv1D(16, 3, padding=1, in_channels=16), nn.BatchNorm(in_channels=16),
+            nn.Activation("relu"), nn.Conv1D(16, 3, padding=1, in_channels=16),
+            nn.BatchNorm(in_channels=16))
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.random.normal(shape=(8, 16, 50))
+    for _ in range(3):
+        want = net(x).asnumpy()
+    fusedres.fuse(net)
+    assert_close(net(x).asnumpy(), want, np.float32, "after fuse")

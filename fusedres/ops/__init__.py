@@ -59,7 +59,10 @@ def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *
     ``plain_layout``: see ``_plain`` (None is right unless you know the data's device).
     """
     F = F or _namespace(data)
-    args = [_plain(F, data, plain_layout, name and f"{name}_data"), weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
+    # The weight too: a stock MKLDNN Conv1D whose Parameter fuse() handed over may have
+    # reordered it in place during inference.
+    args = [_plain(F, data, plain_layout, name and f"{name}_data"),
+            _plain(F, weight, plain_layout, name and f"{name}_weight_plain")] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
     kw = dict(op_type=CONV1D_BN_RELU, **conv_attrs(
         kernel, num_filter, stride=stride, pad=pad, dilate=dilate, num_group=num_group,
