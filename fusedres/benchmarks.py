@@ -12,6 +12,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from .nn import AddReLU, ConvBNReLU1D
+from .reference import conv1d_out_width
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ConvShape:
 
     @property
     def out_width(self):
-        return (self.width + 2 * self.pad - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+        return conv1d_out_width(self.width, self.kernel, self.stride, self.pad, self.dilation)
 
     @property
     def conv_gflop(self):

@@ -9,7 +9,6 @@ import mxnet as mx
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
-GPU_DTYPES = (np.float32, np.float16)
 
 _last_error = threading.local()
 

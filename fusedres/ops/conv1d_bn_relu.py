@@ -12,6 +12,7 @@ out the relu (conv + batchnorm alone).
 import mxnet as mx
 import numpy as np
 
+from ..reference import conv1d_out_width
 from ._common import (Target, backend_for, check_dtypes, check_no_zero_size, mx_dtype,
                       parse_bool, parse_float, parse_int, record_error)
 
@@ -25,10 +26,6 @@ def _shape_str(shape):
 def _known(shape):
     # MXNet marks unknown shapes as [] and unknown dimensions as -1 (0 in legacy mode).
     return bool(shape) and all(d > 0 for d in shape)
-
-
-def conv1d_out_width(width, kernel, stride, pad, dilate):
-    return (width + 2 * pad - dilate * (kernel - 1) - 1) // stride + 1
 
 
 class Conv1dBNReLU(mx.operator.CustomOp):
