@@ -137,9 +137,14 @@ def _launch(source, kernel, grid, block, args):
     """Launches kernel of csrc/cuda/<source>.cu on CuPy's current stream.
 
     grid and block are explicit tuples; scalars in args must already be typed numpy scalars
-    (np.int32, np.int64, np.float32, np.float64) matching the kernel's C signature.
+    (np.int32, np.int64, np.float32, np.float64) matching the kernel's C signature: CuPy would
+    pass a Python int or float as 8 bytes whatever the parameter's type.
     """
-    assert all(not isinstance(a, (int, float, bool)) for a in args), "untyped scalar argument"
+    for i, a in enumerate(args):
+        # np.float64 is a subclass of float: only plain Python numbers lack a C type.
+        if isinstance(a, (int, float, bool)) and not isinstance(a, np.generic):
+            raise TypeError(f"{kernel}: argument {i} is a Python {type(a).__name__} ({a!r}); "
+                            "pass a numpy scalar of the parameter's C type")
     _module(source).get_function(kernel)(tuple(grid), tuple(block), tuple(args))
 
 

@@ -1,4 +1,5 @@
 """Shared test configuration: the tolerance table, random inputs, and MXNet helpers."""
+import os
 import sys
 import types
 from pathlib import Path
@@ -128,3 +129,40 @@ def conv_with_ones(fn, data, **kw):
                    dtype=data.dtype)
     one = mx.nd.ones((c,), dtype=data.dtype)
     return fn(data, w, one, one, one, one * 0, one, **params)
+
+
+# CUDA kernel tests run on CuPy with a GPU; without one (or with FUSEDRES_CUDA_EMULATOR=1) on the
+# CPU emulation of CUDA in tests/cuda_emu, once per schedule: "plain", and "reverse" (warps and
+# blocks in reverse order, which exposes barriers that the plain order hides).
+# FUSEDRES_CUDA_EMU_SCHEDULE=plain|reverse runs the emulation in that schedule only.
+def _cuda_targets():
+    if os.environ.get("FUSEDRES_CUDA_EMULATOR") != "1":
+        from fusedres import cuda
+        if cuda.available()[0]:
+            return ["gpu"]
+    only = os.environ.get("FUSEDRES_CUDA_EMU_SCHEDULE")
+    return [f"emu-{s}" for s in ("plain", "reverse") if only in (None, s)]
+
+
+CUDA_TARGETS = _cuda_targets()
+
+
+@pytest.fixture(scope="module", params=CUDA_TARGETS)
+def cuda_target(request):
+    """(name, cupy module) for each CUDA target: ("gpu", cupy) or ("emu-<schedule>", stand-in).
+
+    The emulation's stand-in is `import cupy` for fusedres.cuda only while the module's tests
+    run, with fusedres.cuda's per-device caches emptied, so that nothing leaks to other tests.
+    """
+    if request.param == "gpu":
+        import cupy
+        yield request.param, cupy
+        return
+    from cuda_emu import fake_cupy
+
+    from fusedres import cuda
+    with fake_cupy.installed(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fake_cupy.config, "schedule", request.param[len("emu-"):])
+        mp.setattr(cuda, "_modules", {})
+        mp.setattr(cuda, "_sm_counts", {})
+        yield request.param, fake_cupy

@@ -1,17 +1,22 @@
 """CUDA kernels (fusedres.cuda on CuPy arrays) against the numpy reference.
 
-Needs CuPy and a GPU, not MXNet. References run in float64 on the very values the kernel saw
-(float16 inputs are rounded first), so the tolerance only has to cover the kernel's own error.
+Needs no MXNet. With a GPU, CuPy runs them; without one, the CPU emulation of CUDA in
+tests/cuda_emu, in two schedules (conftest.py's cuda_target). References run in float64 on the
+very values the kernel saw (float16 inputs are rounded first), so the tolerance only has to
+cover the kernel's own error.
 """
 import numpy as np
 import pytest
 
 from fusedres import cuda, reference
 
-OK, REASON = cuda.available()
-pytestmark = pytest.mark.skipif(not OK, reason=REASON)
-if OK:
-    import cupy as cp
+cp = None  # CuPy or the emulation's stand-in, set per target by _target
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _target(cuda_target):
+    global cp
+    cp = cuda_target[1]
 
 # (atol, rtol) of max|got - ref| <= atol + rtol * max|ref|, by data dtype.
 TOL = {np.float32: (1e-4, 1e-4), np.float16: (1e-2, 1e-2)}
@@ -252,3 +257,33 @@ def test_checks_name_the_argument():
     with pytest.raises(ValueError, match="lhs and rhs must have the same shape"):
         cuda.add_relu_forward(cp.zeros(3, np.float32), cp.zeros(4, np.float32),
                               cp.zeros(3, np.float32))
+
+
+def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
+    """np.float64 is a subclass of float: the launch check once refused it, and with it every
+    training forward (bn_fwd_finalize takes eps and momentum as doubles). Plain Python numbers
+    are refused: CuPy would pass them as 8 bytes whatever the parameter's type."""
+    c, m = 3, 100  # two column tiles of 64 and 36 values
+    psum = np.array([[6.4, -3.2, 64.0], [7.2, 3.6, 0.0]], np.float32)
+    pm2 = np.array([[12.8, 6.4, 0.0], [3.6, 7.2, 36.0]], np.float32)
+    rm, rv = np.array([0.5, -0.5, 0.0], np.float32), np.array([1.0, 2.0, 0.5], np.float32)
+    d = dict(psum=cp.asarray(psum), pm2=cp.asarray(pm2), rm=cp.asarray(rm), rv=cp.asarray(rv),
+             mean=cp.empty(c, np.float32), invstd=cp.empty(c, np.float32))
+
+    def args(eps=np.float64(EPS), ntiles=np.int32(2), update=np.int32(1)):
+        return (d["psum"], d["pm2"], ntiles, np.int32(m), np.int32(c), d["rm"], d["rv"],
+                d["mean"], d["invstd"], eps, np.float64(MOMENTUM), np.int32(1), update)
+
+    cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args())
+    counts = np.array([64.0, 36.0])[:, None]
+    mu = psum.astype(np.float64).sum(0) / m
+    var = (pm2 + counts * (psum / counts - mu) ** 2).sum(0) / m
+    assert_close(d["mean"], mu, np.float32, "mean")
+    assert_close(d["invstd"], 1 / np.sqrt(var + EPS), np.float32, "invstd")
+    assert_close(d["rm"], MOMENTUM * rm + (1 - MOMENTUM) * mu, np.float32, "running_mean")
+    assert_close(d["rv"], MOMENTUM * rv + (1 - MOMENTUM) * var, np.float32, "running_var")
+    for bad, match in [(dict(eps=EPS), "argument 9 is a Python float"),
+                       (dict(ntiles=2), "argument 2 is a Python int"),
+                       (dict(update=True), "argument 12 is a Python bool")]:
+        with pytest.raises(TypeError, match=match):
+            cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args(**bad))
