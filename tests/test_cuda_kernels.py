@@ -5,8 +5,12 @@ tests/cuda_emu, in two schedules (conftest.py's cuda_target). References run in 
 very values the kernel saw (float16 inputs are rounded first), so the tolerance only has to
 cover the kernel's own error.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
+from conftest import CUDA_TARGETS
 
 from fusedres import cuda, reference
 
@@ -30,6 +34,7 @@ CASES = {
     "groups2": (2, 8, 6, 97, 3, 1, 1, 1, 2, True),
     "all_nopad": (2, 64, 64, 97, 3, 2, 0, 2, 2, False),
     "tiles": (2, 72, 130, 97, 3, 1, 1, 1, 1, True),  # several row tiles and k slices
+    "long": (2, 8, 8, 2500, 3, 1, 1, 1, 1, True),  # reductions and weight gradient split
 }
 # (data dtype, per-channel dtype)
 DTYPES = {"f32": (np.float32, np.float32), "f16": (np.float16, np.float16),
@@ -287,3 +292,98 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
                        (dict(update=True), "argument 12 is a Python bool")]:
         with pytest.raises(TypeError, match=match):
             cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args(**bad))
+
+
+# Mutants of the kernel sources that the checks must catch: name: (file, original, mutant).
+MUTATIONS = {
+    "gemm_tile without the barrier after the loads": (
+        "conv1d_bn_relu.cu", "    __syncthreads();\n#pragma unroll\n    for (int kk",
+        "#pragma unroll\n    for (int kk"),
+    "gemm_tile without the barrier before the next loads": (
+        "conv1d_bn_relu.cu", "    __syncthreads();\n  }\n}", "  }\n}"),
+    "block_sum without the barrier before reusing warp_part": (
+        "common.cuh", "  __syncthreads();  // warp_part may still be read by a previous call\n",
+        ""),
+    "block_sum without the barrier between writes and reads": (
+        "common.cuh", "warp_part[warp] = v;\n  __syncthreads();\n", "warp_part[warp] = v;\n"),
+    "block_sum shuffles with width 16": (
+        "common.cuh", "v += __shfl_xor_sync(0xffffffffu, v, o);",
+        "v += __shfl_xor_sync(0xffffffffu, v, o, 16);"),
+    "half_warp_sum shuffles across both half warps": (
+        "conv1d_bn_relu.cu", "for (int o = 8; o > 0;", "for (int o = 16; o > 0;"),
+}
+
+
+@pytest.fixture(scope="module")
+def mutant_source(tmp_path_factory):
+    """mutant_source(name): a copy of the CUDA sources with that mutation. All are made at once
+    and, on the emulation, their conv kernels (the checks' kernels) built in parallel with the
+    options fusedres.cuda compiles with: the emulation caches builds on disk by preprocessed
+    source and options, so the checks' launches find them built."""
+    made = {}
+    for mutation, (name, old, new) in MUTATIONS.items():
+        src = made[mutation] = tmp_path_factory.mktemp("cuda_src")
+        for f in cuda.SOURCE_DIR.iterdir():
+            if f.suffix in (".cu", ".cuh"):
+                (src / f.name).write_text(f.read_text())
+        text = (src / name).read_text()
+        assert text.count(old) == 1, f"{mutation}: the original text is not once in {name}"
+        (src / name).write_text(text.replace(old, new))
+    if "gpu" not in CUDA_TARGETS:
+        from cuda_emu import build
+
+        jobs = []
+        with pytest.MonkeyPatch.context() as mp:
+            for src in made.values():
+                mp.setattr(cuda, "SOURCE_DIR", src)
+                opts = cuda.NVRTC_OPTIONS + tuple(f"-I{d}" for d in cuda._nvrtc_include_dirs())
+                jobs.append(((src / "conv1d_bn_relu.cu").read_text(), opts))
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+            list(pool.map(lambda job: build.build(*job), jobs))
+    return made.__getitem__
+
+
+def _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks):
+    """The failures of checks ((what, fn) pairs) with the mutant compiled in place of csrc/cuda.
+    On the emulation only: its schedules are deterministic, a GPU's are not."""
+    if cuda_target[0] == "gpu":
+        pytest.skip("mutants run on the CPU emulation of CUDA only")
+    monkeypatch.setattr(cuda, "SOURCE_DIR", mutant_source(mutation))
+    monkeypatch.setattr(cuda, "_modules", {})
+    failed = []
+    for what, check in checks:
+        try:
+            check()
+        except Exception as e:  # a wrong result, or a check of the emulation (a deadlock)
+            failed.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    print(f"{mutation} [{cuda_target[0]}]: {len(failed)} of {len(checks)} checks failed",
+          *failed, sep="\n")
+    return failed
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_mutant_fails_the_checks(mutation, cuda_target, mutant_source, monkeypatch):
+    """A mutated copy of csrc/cuda (a barrier removed, a shuffle width broken) fails the float32
+    forward (training, inference) and backward checks, in each schedule."""
+    checks = []
+    for case in CASES:
+        checks += [(f"forward_train {case}", lambda c=case: test_forward_train(c, "f32", True, True)),
+                   (f"forward_infer {case}", lambda c=case: test_forward_infer(c, "f32", True)),
+                   (f"backward {case}", lambda c=case: test_backward(c, "f32", True, True))]
+    failed = _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks)
+    assert failed, f"{mutation}: all {len(checks)} checks passed on the mutant"
+
+
+# Races that one order of warps hides and the other shows, on the backward of case c64 (the
+# plain order runs writers in low warps before readers in high ones, the reverse order the
+# opposite): why the emulated suite runs in both.
+SCHEDULE_DEPENDENT = {"block_sum without the barrier before reusing warp_part": "emu-reverse",
+                      "block_sum without the barrier between writes and reads": "emu-plain"}
+
+
+@pytest.mark.parametrize("mutation", SCHEDULE_DEPENDENT)
+def test_one_schedule_shows_what_the_other_hides(mutation, cuda_target, mutant_source,
+                                                  monkeypatch):
+    checks = [("backward c64", lambda: test_backward("c64", "f32", True, True))]
+    failed = _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks)
+    assert bool(failed) == (cuda_target[0] == SCHEDULE_DEPENDENT[mutation]), failed
