@@ -49,3 +49,11 @@ wheel:
 # The wheel in a fresh venv, away from the source tree: smoke checks, python -m fusedres, tests.
 wheel-check: wheel
 	PYTHON=$(PYTHON) bash tools/check_wheel.sh
+
+# On a GPU machine with CuPy (no MXNet, venv or network needed): the CUDA tests on the GPU,
+# compute-sanitizer on a small case of every kernel, bench/bench_cuda.py; writes
+# bench/results_cuda.md. GPU_PYTHON: the Python that has CuPy. See tools/gpu_check.sh.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) bash tools/gpu_check.sh

@@ -10,14 +10,24 @@ Times are medians of CUDA-event-timed repetitions after warm-up; GFLOP/s and GB/
 Without CuPy or a GPU it prints why and exits 0.
 """
 import argparse
+import datetime
+import os
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fusedres import cuda  # noqa: E402
+try:
+    from fusedres import cuda
+except ImportError:  # no MXNet (a GPU machine with CuPy only): fusedres.cuda does not need it
+    _pkg = types.ModuleType("fusedres")
+    _pkg.__path__ = [str(ROOT / "fusedres")]
+    sys.modules["fusedres"] = _pkg
+    from fusedres import cuda
 
 # (N, C, W, kernel): the shared table of shapes; padding keeps W.
 SHAPES = [(32, 64, 1024, 3), (64, 256, 4096, 3), (16, 512, 8192, 5)]
@@ -125,6 +135,20 @@ def bench_add_relu(shape, dtype, reps, torch):
     return rows
 
 
+def _driver_version(cp):
+    """nvidia-smi's driver version, else the CUDA version the driver supports."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                              f"--id={cp.cuda.Device().id}"], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    v = cp.cuda.runtime.driverGetVersion()
+    return f"CUDA {v // 1000}.{v % 1000 // 10}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=50)
@@ -136,8 +160,15 @@ def main(argv=None):
         return 0
     import cupy as cp
     torch = _torch_cuda()
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    cc = dev.compute_capability
+    cubin = cuda._cubin_for("conv1d_bn_relu", int(cc[:-1]), int(cc[-1]))
+    kernels = (f"shipped cubin {cubin.name}" if cubin and not os.environ.get(
+        "FUSEDRES_CUDA_FROM_SOURCE") else "compiled from csrc/cuda by CuPy's NVRTC")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# fusedres CUDA kernels on {props['name'].decode()}", "",
+             f"{date}; sm_{cc}; driver {_driver_version(cp)}; kernels: {kernels}; "
              f"cupy {cp.__version__}; torch "
              f"{torch.__version__ if torch is not None else 'absent (no baseline)'}; "
              f"median of {args.reps} repetitions; batchnorm parameters float32.", "",

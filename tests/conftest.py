@@ -134,12 +134,17 @@ def conv_with_ones(fn, data, **kw):
 # CUDA kernel tests run on CuPy with a GPU; without one (or with FUSEDRES_CUDA_EMULATOR=1) on the
 # CPU emulation of CUDA in tests/cuda_emu, once per schedule: "plain", and "reverse" (warps and
 # blocks in reverse order, which exposes barriers that the plain order hides).
-# FUSEDRES_CUDA_EMU_SCHEDULE=plain|reverse runs the emulation in that schedule only.
+# FUSEDRES_CUDA_EMU_SCHEDULE=plain|reverse runs the emulation in that schedule only;
+# FUSEDRES_CUDA_EMULATOR=0 refuses the emulation (make gpu-check: no GPU is an error).
 def _cuda_targets():
-    if os.environ.get("FUSEDRES_CUDA_EMULATOR") != "1":
+    mode = os.environ.get("FUSEDRES_CUDA_EMULATOR")
+    if mode != "1":
         from fusedres import cuda
-        if cuda.available()[0]:
+        ok, why = cuda.available()
+        if ok:
             return ["gpu"]
+        if mode == "0":
+            raise RuntimeError(f"FUSEDRES_CUDA_EMULATOR=0 but CuPy has no GPU: {why}")
     only = os.environ.get("FUSEDRES_CUDA_EMU_SCHEDULE")
     return [f"emu-{s}" for s in ("plain", "reverse") if only in (None, s)]
 
