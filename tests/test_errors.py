@@ -10,7 +10,7 @@ from conftest import conv_with_ones
 import fusedres
 from fusedres import _C
 from fusedres.nn import AddReLU, ConvBNReLU1D
-from fusedres.ops._common import backend_for
+from fusedres.ops.backends import backend_for
 
 
 def _conv(data, **kw):

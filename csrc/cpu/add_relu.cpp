@@ -1,15 +1,24 @@
 // Fused add + relu: memory-bound elementwise passes, one parallel sweep each (the backward
-// writes both gradients in the same sweep).
+// writes both gradients in the same sweep). NaN follows MXNet's relu: relu(NaN) = NaN, and the
+// gradient is dy * relu'(y) with relu'(NaN) = NaN.
 #include "add_relu.h"
 
 namespace fusedres {
+
+namespace {
+template <typename T>
+inline T relu_grad(T dy, T y) {
+  const T d = y > T(0) ? T(1) : (y != y ? y : T(0));
+  return dy * d;
+}
+}  // namespace
 
 template <typename T>
 void add_relu_forward(int64_t n, const T* a, const T* b, T* y) {
 #pragma omp parallel for simd schedule(static) if (n > 32768)
   for (int64_t i = 0; i < n; ++i) {
     const T s = a[i] + b[i];
-    y[i] = s > T(0) ? s : T(0);
+    y[i] = (s > T(0) || s != s) ? s : T(0);
   }
 }
 
@@ -18,8 +27,7 @@ void add_relu_backward(int64_t n, const T* dy, const T* y, T* da, T* db) {
   if (da && db) {
 #pragma omp parallel for simd schedule(static) if (n > 32768)
     for (int64_t i = 0; i < n; ++i) {
-      const T d = dy[i];  // loaded unconditionally: a select, not a branch
-      const T g = y[i] > T(0) ? d : T(0);
+      const T g = relu_grad(dy[i], y[i]);
       da[i] = g;
       db[i] = g;
     }
@@ -28,10 +36,7 @@ void add_relu_backward(int64_t n, const T* dy, const T* y, T* da, T* db) {
   T* first = da ? da : db;
   if (!first) return;
 #pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) {
-    const T d = dy[i];
-    first[i] = y[i] > T(0) ? d : T(0);
-  }
+  for (int64_t i = 0; i < n; ++i) first[i] = relu_grad(dy[i], y[i]);
 }
 
 template void add_relu_forward<float>(int64_t, const float*, const float*, float*);

@@ -1,4 +1,4 @@
-// Fused add + relu on the CPU: y = max(a + b, 0), elementwise over n contiguous values.
+// Fused add + relu on the CPU: y = relu(a + b), elementwise over n contiguous values.
 #pragma once
 #include <cstdint>
 
@@ -7,7 +7,7 @@ namespace fusedres {
 template <typename T>
 void add_relu_forward(int64_t n, const T* a, const T* b, T* y);
 
-// da = db = dy * (y > 0). Either gradient pointer may be null; when both are wanted the
+// da = db = dy * relu'(y), relu'(NaN) = NaN. Either gradient pointer may be null; when both are wanted the
 // second is a copy of the first.
 template <typename T>
 void add_relu_backward(int64_t n, const T* dy, const T* y, T* da, T* db);

@@ -37,12 +37,80 @@ CpuIsa cpu_isa() {
     default: isa_generic::call; break;            \
   }
 
+namespace {
+
+// A conv whose stride exceeds its kernel size runs as a stride-K conv over the gathered
+// windows xg[n][c][j*K + k] = x[n][c][j*stride - pad + k*dilation] (zero outside the input):
+// the engine's phase buffers grow with the stride, the gathered input only with the output.
+bool gathers(const Conv1dShape& s) { return s.stride > s.K; }
+
+Conv1dShape gathered(const Conv1dShape& s) {
+  Conv1dShape g = s;
+  g.L = s.Lout() * s.K;
+  g.stride = s.K;
+  g.pad = 0;
+  g.dilation = 1;
+  return g;
+}
+
+template <typename T>
+struct Scratch {
+  T* p;
+  explicit Scratch(int64_t n) : p(static_cast<T*>(std::malloc(size_t(n > 0 ? n : 1) * sizeof(T)))) {}
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+template <typename T>
+void gather_windows(const Conv1dShape& s, const T* x, T* xg) {
+  const int64_t Lo = s.Lout(), rows = s.N * s.Cin;
+#pragma omp parallel for schedule(static) if (rows * Lo * s.K > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * s.L;
+    T* gr = xg + r * Lo * s.K;
+    for (int64_t j = 0; j < Lo; ++j)
+      for (int64_t k = 0; k < s.K; ++k) {
+        const int64_t p = j * s.stride - s.pad + k * s.dilation;
+        gr[j * s.K + k] = p >= 0 && p < s.L ? xr[p] : T(0);
+      }
+  }
+}
+
+// dx[p] = sum of dxg over the window elements that read p (windows overlap when the dilated
+// kernel is wider than the stride).
+template <typename T>
+void scatter_windows(const Conv1dShape& s, const T* dxg, T* dx) {
+  const int64_t Lo = s.Lout(), rows = s.N * s.Cin;
+#pragma omp parallel for schedule(static) if (rows * Lo * s.K > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dr = dx + r * s.L;
+    const T* gr = dxg + r * Lo * s.K;
+    std::memset(dr, 0, size_t(s.L) * sizeof(T));
+    for (int64_t j = 0; j < Lo; ++j)
+      for (int64_t k = 0; k < s.K; ++k) {
+        const int64_t p = j * s.stride - s.pad + k * s.dilation;
+        if (p >= 0 && p < s.L) dr[p] += gr[j * s.K + k];
+      }
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, T* running_mean,
                                   T* running_var, double eps, double momentum,
                                   bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
                                   bool relu) {
+  if (gathers(s)) {
+    const Conv1dShape g = gathered(s);
+    Scratch<T> xg(g.N * g.Cin * g.L);
+    gather_windows(s, x, xg.p);
+    return conv1d_bn_relu_forward_train(g, xg.p, w, bias, gamma, beta, running_mean,
+                                        running_var, eps, momentum, use_batch_stats, z, mean,
+                                        invstd, y, relu);
+  }
   FUSEDRES_DISPATCH(forward_train(s, x, w, bias, gamma, beta, running_mean, running_var, eps,
                                   momentum, use_batch_stats, z, mean, invstd, y, relu))
 }
@@ -51,6 +119,13 @@ template <typename T>
 void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, const T* running_mean,
                                   const T* running_var, double eps, T* y, bool relu) {
+  if (gathers(s)) {
+    const Conv1dShape g = gathered(s);
+    Scratch<T> xg(g.N * g.Cin * g.L);
+    gather_windows(s, x, xg.p);
+    return conv1d_bn_relu_forward_infer(g, xg.p, w, bias, gamma, beta, running_mean,
+                                        running_var, eps, y, relu);
+  }
   FUSEDRES_DISPATCH(
       forward_infer(s, x, w, bias, gamma, beta, running_mean, running_var, eps, y, relu))
 }
@@ -60,6 +135,15 @@ void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy
                              const T* w, const T* z, const T* gamma, const T* beta,
                              const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
                              T* dgamma, T* dbeta, bool relu) {
+  if (gathers(s)) {
+    const Conv1dShape g = gathered(s);
+    Scratch<T> xg(g.N * g.Cin * g.L), dxg(dx ? g.N * g.Cin * g.L : 0);
+    gather_windows(s, x, xg.p);
+    conv1d_bn_relu_backward(g, batch_stats, dy, xg.p, w, z, gamma, beta, mean, invstd,
+                            dx ? dxg.p : nullptr, dw, dbias, dgamma, dbeta, relu);
+    if (dx) scatter_windows(s, dxg.p, dx);
+    return;
+  }
   FUSEDRES_DISPATCH(backward(s, batch_stats, dy, x, w, z, gamma, beta, mean, invstd, dx, dw,
                              dbias, dgamma, dbeta, relu))
 }

@@ -59,7 +59,6 @@ struct Buf {
   ~Buf() { std::free(p); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  void reset(i64 n) { std::free(p); p = alloc<T>(n); }
 };
 
 // A grow-only scratch buffer per calling thread, so the large dz buffer of the backward is
@@ -81,13 +80,45 @@ T* workspace(i64 n) {
   return static_cast<T*>(c.p);
 }
 
-// Per-channel affine of the normalization: y = relu(z * a + b). Forward and backward both
-// derive the relu mask from this and V::fma, so they agree bit for bit.
-template <typename T>
-FR_INLINE void bn_affine(T gamma, T beta, T mean, T invstd, T* a, T* b) {
-  *a = gamma * invstd;
-  *b = beta - mean * *a;
+// The normalization of one channel: pre = (z - mean) * a + beta with a = gamma * invstd, in
+// the order MXNet's BatchNorm computes it, so infinities and NaN come out as in the stock
+// blocks (a folded z * a + (beta - mean * a) turns an infinite a into inf - inf = NaN).
+// Forward and backward both derive the relu mask from bn_pre, so they agree bit for bit.
+template <class V>
+FR_INLINE typename V::reg bn_pre(typename V::reg z, typename V::reg mean, typename V::reg a,
+                                 typename V::reg beta) {
+  return V::fma(V::sub(z, mean), a, beta);
 }
+
+// relu(v) that keeps NaN (max returns its second operand when either is NaN), as MXNet's relu.
+template <class V>
+FR_INLINE typename V::reg relu(typename V::reg v) {
+  return V::max(V::zero(), v);
+}
+
+// dy * relu'(pre) with relu' = 1 (pre > 0), 0 (pre <= 0), NaN (pre NaN): MXNet's
+// dy * relu_grad(pre), so a NaN anywhere reaches the gradient.
+template <class V>
+FR_INLINE typename V::reg relu_grad(typename V::reg dy, typename V::reg pre) {
+  const typename V::reg d = V::maskz(V::gt0(pre), V::set1(typename V::T(1)));
+  return V::mul(dy, V::select(V::nan(pre), pre, d));
+}
+
+// One channel's normalization, broadcast to registers.
+template <class V>
+struct BnChannel {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  reg mean, a, beta;
+  bool with_relu;
+  BnChannel(T gamma_, T beta_, T mean_, T invstd_, bool with_relu_)
+      : mean(V::set1(mean_)), a(V::set1(gamma_ * invstd_)), beta(V::set1(beta_)),
+        with_relu(with_relu_) {}
+  FR_INLINE reg pre(reg z) const { return bn_pre<V>(z, mean, a, beta); }
+  FR_INLINE reg out(reg z) const { return with_relu ? relu<V>(pre(z)) : pre(z); }
+  // The gradient reaching pre: dy * relu'(pre), or dy without relu.
+  FR_INLINE reg grad(reg z, reg dy) const { return with_relu ? relu_grad<V>(dy, pre(z)) : dy; }
+};
 
 // Input of one tap: element (ci, j) is base[ci * cs + j + off], valid (else zero) when
 // 0 <= j + off < len.
@@ -190,7 +221,7 @@ FR_INLINE void conv_tile(const ConvUnit<V>& u, const typename V::T* wblk, i64 r0
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       reg val = acc[r][v];
-      if (EPI == E_RELU) val = V::max(val, V::zero());
+      if (EPI == E_RELU) val = relu<V>(val);
       if (valid >= i64(v + 1) * W)
         V::store(o + v * W, val);
       else
@@ -432,34 +463,25 @@ i64 packed_size_forward(const Conv1dShape& s) {
   return G * cdiv(cout_g, V::MR) * V::MR * s.K * cin_g;
 }
 
-// y = relu(z * a + b) per channel (z * a + b without relu), parallel over rows.
+// y = relu(bn(z)) per channel (bn(z) without relu), parallel over rows. y may be z.
 template <class V>
 void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename V::T* gamma,
                     const typename V::T* beta, const typename V::T* mean,
                     const typename V::T* invstd, typename V::T* y, bool relu) {
   using T = typename V::T;
-  using reg = typename V::reg;
   constexpr int W = V::W;
   const i64 Lo = s.Lout(), rows = s.N * s.Cout;
 #pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
-    T a, b;
-    bn_affine(gamma[co], beta[co], mean[co], invstd[co], &a, &b);
-    const reg av = V::set1(a), bvv = V::set1(b), zero = V::zero();
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
     const T* zr = z + row * Lo;
     T* yr = y + row * Lo;
     i64 l = 0;
-    if (relu) {
-      for (; l + W <= Lo; l += W)
-        V::store(yr + l, V::max(V::fma(V::load(zr + l), av, bvv), zero));
-    } else {
-      for (; l + W <= Lo; l += W) V::store(yr + l, V::fma(V::load(zr + l), av, bvv));
-    }
+    for (; l + W <= Lo; l += W) V::store(yr + l, ch.out(V::load(zr + l)));
     if (l < Lo) {
       const auto m = V::range(0, int(Lo - l));
-      const reg v = V::fma(V::loadm(zr + l, m), av, bvv);
-      V::storem(yr + l, relu ? V::max(v, zero) : v, m);
+      V::storem(yr + l, ch.out(V::loadm(zr + l, m)), m);
     }
   }
 }
@@ -518,18 +540,32 @@ void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
   Buf<T> bf(s.Cout);
+  bool finite = true;
   for (i64 co = 0; co < s.Cout; ++co) {
     scale.p[co] = gamma[co] / std::sqrt(static_cast<double>(running_var[co]) + eps);
     const double b0 = bias ? bias[co] : 0.0;
     bf.p[co] = static_cast<T>((b0 - running_mean[co]) * scale.p[co] + beta[co]);
+    finite = finite && std::isfinite(bf.p[co]);
   }
   Buf<T> wp(packed_size_forward<V>(s));
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
   pack_weights<V>(wp.p, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
     const i64 co = g * cout_g + o;
-    return static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
+    const T v = static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
+    finite = finite && std::isfinite(v);
+    return v;
   });
+  if (!finite) {
+    // A scale or folded weight that is infinite or NaN (gamma = inf, a NaN statistic, ...):
+    // fold nothing and normalize the conv output in BatchNorm's own order, which gives what
+    // the stock blocks give. running_mean/var are only read (no batch statistics).
+    Buf<T> mean(s.Cout), invstd(s.Cout);
+    forward_train_impl<T>(s, x, w, bias, gamma, beta, const_cast<T*>(running_mean),
+                          const_cast<T*>(running_var), eps, 0.0, false, y, mean.p, invstd.p, y,
+                          relu);
+    return;
+  }
   const Chunks ch = make_chunks(s.N, s.Lout(), V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
   if (relu)
     conv_forward_all<V, E_RELU>(s, x, wp.p, bf.p, y, nullptr, ch);
@@ -613,14 +649,13 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   const bool need_dz = dx || dw || dbias;
   if (!(need_dz || dgamma || dbeta)) return;
 
-  // Pass A: per row sum(g), sum(g * xhat), g = dy * relu'(z * a + b) (g = dy without relu).
+  // bn_bwd_reduce: per row sum(g), sum(g * xhat), g = dy * relu'(pre) (g = dy without relu).
   Buf<double> part(rows * 2);
 #pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
-    T a, b;
-    bn_affine(gamma[co], beta[co], mean[co], invstd[co], &a, &b);
-    const reg av = V::set1(a), bv = V::set1(b), muv = V::set1(mean[co]), isv = V::set1(invstd[co]);
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
+    const reg muv = V::set1(mean[co]), isv = V::set1(invstd[co]);
     const T* zr = z + row * Lo;
     const T* gr = dy + row * Lo;
     double sg = 0, sgx = 0;
@@ -630,16 +665,15 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       i64 l = l0;
       for (; l + W <= l1; l += W) {
         const reg zv = V::load(zr + l);
-        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l))
-                           : V::load(gr + l);
+        const reg g = ch.grad(zv, V::load(gr + l));
         s1 = V::add(s1, g);
         s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
       }
       if (l < l1) {
         const auto m = V::range(0, int(l1 - l));
         const reg zv = V::loadm(zr + l, m);
-        const reg g = relu ? V::maskz(V::mand(m, V::gt0(V::fma(zv, av, bv))), V::loadm(gr + l, m))
-                           : V::loadm(gr + l, m);
+        // lanes past the row stay 0 (pre of a zero lane may be NaN)
+        const reg g = V::maskz(m, ch.grad(zv, V::loadm(gr + l, m)));
         s1 = V::add(s1, g);
         s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
       }
@@ -663,17 +697,16 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   }
   if (!need_dz) return;
 
-  // Pass B: dz = scale * g - k0 - k1 * (z - mean), with row sums for the bias gradient.
+  // bn_bwd_dz: dz = scale * g - k0 - k1 * (z - mean), with row sums for the bias gradient.
   T* dz = workspace<T>(rows * Lo);
 #pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
-    T a, b;
-    bn_affine(gamma[co], beta[co], mean[co], invstd[co], &a, &b);
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
     const T is = invstd[co], scale = gamma[co] * is;
     const double mg = batch_stats ? sg.p[co] / double(M) : 0.0;
     const double mgx = batch_stats ? sgx.p[co] / double(M) : 0.0;
-    const reg av = V::set1(a), bv = V::set1(b), muv = V::set1(mean[co]), scv = V::set1(scale);
+    const reg muv = V::set1(mean[co]), scv = V::set1(scale);
     const reg k0 = V::set1(static_cast<T>(double(scale) * mg));
     const reg nk1 = V::set1(static_cast<T>(-double(scale) * double(is) * mgx));
     const T* zr = z + row * Lo;
@@ -686,8 +719,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       i64 l = l0;
       for (; l + W <= l1; l += W) {
         const reg zv = V::load(zr + l);
-        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::load(gr + l))
-                           : V::load(gr + l);
+        const reg g = ch.grad(zv, V::load(gr + l));
         const reg d = V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)));
         V::store(dr + l, d);
         s1 = V::add(s1, d);
@@ -695,8 +727,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       if (l < l1) {
         const auto m = V::range(0, int(l1 - l));
         const reg zv = V::loadm(zr + l, m);
-        const reg g = relu ? V::maskz(V::gt0(V::fma(zv, av, bv)), V::loadm(gr + l, m))
-                           : V::loadm(gr + l, m);
+        const reg g = ch.grad(zv, V::loadm(gr + l, m));
         const reg d = V::maskz(m, V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0))));
         V::storem(dr + l, d, m);
         s1 = V::add(s1, d);
@@ -712,7 +743,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       dbias[co] = static_cast<T>(a);
     }
 
-  // dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g outputs, one
+  // conv_bwd_data: dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g outputs, one
   // output phase at a time when stride > 1 (phase r gets the taps with
   // (r + pad - k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
   if (dx) {
@@ -774,7 +805,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
     }
   }
 
-  // dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x transposed
+  // conv_bwd_weight: dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x transposed
   // per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
   if (dw) {
     constexpr int DNR = V::DNR;

@@ -17,7 +17,8 @@ namespace {
 
 // Interface (T: element type, W lanes; MR x NR*W conv tile; DMR x DNR*W weight-grad tile):
 //   zero set1 load loadm store storem fma(a,b,c)=a*b+c add sub mul max maskz(m,v) range(lo,hi)
-//   (lanes lo <= i < hi) full() gt0(v) (v > 0) mand hsum
+//   (lanes lo <= i < hi) gt0(v) (v > 0) nan(v) (v is NaN) select(m,a,b) (a where m, else
+//   b) mand hsum. max(a, b) returns b where either is NaN (x86's maxps; VScalar mirrors it).
 #if defined(FUSEDRES_ISA_AVX512)
 struct VF {
   using T = float;
@@ -39,8 +40,9 @@ struct VF {
   static FR_INLINE mask range(int lo, int hi) {
     return hi <= lo ? mask(0) : mask(((1u << hi) - 1u) & ~((1u << lo) - 1u));
   }
-  static FR_INLINE mask full() { return mask(0xFFFF); }
   static FR_INLINE mask gt0(reg v) { return _mm512_cmp_ps_mask(v, zero(), _CMP_GT_OQ); }
+  static FR_INLINE mask nan(reg v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
+  static FR_INLINE reg select(mask m, reg a, reg b) { return _mm512_mask_blend_ps(m, b, a); }
   static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
   static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_ps(v); }
   // dst[i * ldd + j] = src[j * lds + i] for a W x W block.
@@ -92,10 +94,12 @@ struct VD {
   static FR_INLINE mask range(int lo, int hi) {
     return hi <= lo ? mask(0) : mask(((1u << hi) - 1u) & ~((1u << lo) - 1u));
   }
-  static FR_INLINE mask full() { return mask(0xFF); }
   static FR_INLINE mask gt0(reg v) { return _mm512_cmp_pd_mask(v, zero(), _CMP_GT_OQ); }
+  static FR_INLINE mask nan(reg v) { return _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q); }
+  static FR_INLINE reg select(mask m, reg a, reg b) { return _mm512_mask_blend_pd(m, b, a); }
   static FR_INLINE mask mand(mask a, mask b) { return mask(a & b); }
-  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_pd(v); }  static constexpr bool TRANSPOSE = false;
+  static FR_INLINE T hsum(reg v) { return _mm512_reduce_add_pd(v); }
+  static constexpr bool TRANSPOSE = false;
   static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 #elif defined(FUSEDRES_ISA_AVX2)
@@ -121,8 +125,11 @@ struct VF {
     return _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(lo - 1)),
                             _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), iota));
   }
-  static FR_INLINE mask full() { return _mm256_set1_epi32(-1); }
   static FR_INLINE mask gt0(reg v) { return _mm256_castps_si256(_mm256_cmp_ps(v, zero(), _CMP_GT_OQ)); }
+  static FR_INLINE mask nan(reg v) { return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+  static FR_INLINE reg select(mask m, reg a, reg b) {
+    return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m));
+  }
   static FR_INLINE mask mand(mask a, mask b) { return _mm256_and_si256(a, b); }
   static FR_INLINE T hsum(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -172,8 +179,11 @@ struct VD {
     return _mm256_and_si256(_mm256_cmpgt_epi64(iota, _mm256_set1_epi64x(lo - 1)),
                             _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), iota));
   }
-  static FR_INLINE mask full() { return _mm256_set1_epi64x(-1); }
   static FR_INLINE mask gt0(reg v) { return _mm256_castpd_si256(_mm256_cmp_pd(v, zero(), _CMP_GT_OQ)); }
+  static FR_INLINE mask nan(reg v) { return _mm256_castpd_si256(_mm256_cmp_pd(v, v, _CMP_UNORD_Q)); }
+  static FR_INLINE reg select(mask m, reg a, reg b) {
+    return _mm256_blendv_pd(b, a, _mm256_castsi256_pd(m));
+  }
   static FR_INLINE mask mand(mask a, mask b) { return _mm256_and_si256(a, b); }
   static FR_INLINE T hsum(reg v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
@@ -202,10 +212,12 @@ struct VScalar {
   static FR_INLINE reg max(reg a, reg b) { return a > b ? a : b; }
   static FR_INLINE reg maskz(mask m, reg v) { return m ? v : T(0); }
   static FR_INLINE mask range(int lo, int hi) { return lo <= 0 && hi >= 1; }
-  static FR_INLINE mask full() { return true; }
   static FR_INLINE mask gt0(reg v) { return v > T(0); }
+  static FR_INLINE mask nan(reg v) { return v != v; }
+  static FR_INLINE reg select(mask m, reg a, reg b) { return m ? a : b; }
   static FR_INLINE mask mand(mask a, mask b) { return a && b; }
-  static FR_INLINE T hsum(reg v) { return v; }  static constexpr bool TRANSPOSE = false;
+  static FR_INLINE T hsum(reg v) { return v; }
+  static constexpr bool TRANSPOSE = false;
   static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 using VF = VScalar<float>;

@@ -1,84 +1,49 @@
 """Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu), ConvBN1D and AddReLU."""
-import numbers
-import os
-import warnings
-
 import mxnet as mx
 import numpy as np
-from mxnet.gluon import HybridBlock, Parameter
+from mxnet.gluon import HybridBlock
 
 from .. import ops
-from ..ops import native, translate_errors
-from ..ops._common import marked_inputs
+from ..ops.attrs import ConvAttrs, parse_int
+from ..ops.errors import translate_errors
 
 
-def _single(value, name):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 1:
-            raise ValueError(f"{name} must be an int or a 1-tuple for a 1-D conv, got {value}")
-        value = value[0]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    return int(value)
+def _single(value, name, minimum=0):
+    """An int hyper-parameter (or a 1-tuple of one), as the blocks take them."""
+    return parse_int(value, name, minimum)
 
 
-class _WatchedParameter(Parameter):
-    """A Parameter of a graph built with the native ops, which cannot accumulate gradients:
-    switching its grad_req to 'add' warns, since a hybridized parent keeps that graph."""
+class _FusedBlock(HybridBlock):
+    """Base of the fused blocks: knows the data's device when a graph is built (the op's
+    implementation depends on it, see fusedres.ops.dispatch) and re-raises validation errors
+    that MXNet hides behind a bare MXNetError with their message.
 
-    @Parameter.grad_req.setter
-    def grad_req(self, req):
-        if req == "add" and self._grad_req != "add":
-            warnings.warn(
-                f"{self.name}: grad_req='add' on a parameter of a fused block whose graph was "
-                "built with the native ops, which overwrite gradients; call hybridize() again "
-                "on the hybridized block that contains it, so that it is rebuilt with the "
-                "CustomOps (a fused block called directly rebuilds by itself)", RuntimeWarning,
-                stacklevel=2)
-        Parameter.grad_req.fset(self, req)
-
-
-class _TranslatingBlock(HybridBlock):
-    """Base of the fused blocks: picks the op implementation for each graph it builds, and
-    re-raises validation errors that MXNet hides behind a bare MXNetError with their message.
-
-    Implementations: the native ops (``fusedres.ops.native``, an MXNet operator library with a
-    built-in op's per-call cost) where they compute exactly what the CustomOps compute, else
-    the CustomOps (``fusedres.ops``). ``use_native``: None (default) decides with
-    ``native.native_ok`` (library loaded, CPU, no grad_req='add', not hybridized with
-    static_alloc, no input with grad_req='add', $FUSEDRES_NATIVE not '0'); True requires
-    the native ops; False never uses them. The choice is made when a graph is built; a fused
-    block called directly rebuilds its graph when grad_req or its inputs change, but inside a
-    hybridized parent call the parent's hybridize() again after switching grad_req to 'add'.
+    use_native: None (default) runs the MXNet operators on the CPU and the CustomOps on GPUs;
+    False always takes the CustomOps; True requires the MXNet operators.
     """
+
+    _input_names = ("data",)
 
     def __init__(self, use_native=None, **kwargs):
         super().__init__(**kwargs)
         self._use_native = use_native
-        self._static_alloc = False
         self._ctx_hint = None
-        self._marked_input = False
-        self._graph_key = None
-
-    def hybridize(self, active=True, **kwargs):
-        self._static_alloc = bool(kwargs.get("static_alloc", False))
-        super().hybridize(active, **kwargs)
+        self._graph_device = None
 
     def forward(self, *args):
         arrays = [a for a in args if isinstance(a, mx.nd.NDArray)]
         # Called with Symbols: inside a hybridized parent, whose data we cannot see.
         self._ctx_hint = arrays[0].context if arrays else None
-        # An input whose gradient accumulates (grad_req='add') needs the CustomOps.
-        self._marked_input = any(marked_inputs.may_accumulate(a) for a in arrays)
-        if self._active and arrays:
-            # The implementation is chosen when the graph is built: build again when what the
-            # choice depends on has changed since (e.g. grad_req switched to 'add').
-            key = (self._marked_input, self._ctx_hint,
-                   tuple(p.grad_req for p in self._reg_params.values()))
-            if key != self._graph_key:
-                self._clear_cached_op()
-                self._graph_key = key
-        with translate_errors(), native.translate_errors():
+        if arrays:
+            for name, a in zip(self._input_names, arrays):
+                if 0 in a.shape:  # reaches shape inference as "unknown", which names nothing
+                    raise ValueError(f"{name} must have no zero-size dimension, got shape "
+                                     f"{a.shape}")
+            device = self._ctx_hint.device_type
+            if self._active and device != self._graph_device:
+                self._clear_cached_op()  # built for another device: another implementation
+            self._graph_device = device
+        with translate_errors():
             return super().forward(*args)
 
     def _context(self):
@@ -92,34 +57,11 @@ class _TranslatingBlock(HybridBlock):
                 continue
         return None
 
-    def _impl_kwargs(self):
-        """The implementation for the graph being built now, and its extra arguments: the
-        CustomOps get their inputs in the plain layout on the CPU (see ops._plain)."""
-        impl = self._impl()
-        if impl is native:
-            return impl, {}
-        ctx = self._context()
-        return impl, {"plain_layout": ctx is None or ctx.device_type != "gpu"}
-
-    def _impl(self):
-        """fusedres.ops.native or fusedres.ops, for the graph being built now."""
-        if self._use_native is False or os.environ.get("FUSEDRES_NATIVE", "1") == "0":
-            return ops
-        ok, why = native.native_ok(self.collect_params().values(), ctx=self._context(),
-                                   static_alloc=self._static_alloc)
-        if ok and self._marked_input:
-            ok, why = False, "an input's gradient accumulates (grad_req='add')"
-        if ok:
-            for p in self.collect_params().values():
-                if p._differentiable:
-                    p.__class__ = _WatchedParameter
-            return native
-        if self._use_native:
-            raise ValueError(f"use_native=True but the native ops cannot be used: {why}")
-        return ops
+    def _op_args(self, F):
+        return dict(use_native=self._use_native, ctx=None if F is mx.nd else self._context())
 
 
-class ConvBNReLU1D(_TranslatingBlock):
+class ConvBNReLU1D(_FusedBlock):
     r"""Fused ``Conv1D -> BatchNorm -> Activation('relu')`` over NCW data.
 
     Computes exactly what ``nn.Conv1D(channels, kernel_size, ...)`` followed by
@@ -154,8 +96,8 @@ class ConvBNReLU1D(_TranslatingBlock):
     running_mean_initializer, running_variance_initializer
         As in ``nn.Conv1D`` and ``nn.BatchNorm``.
     use_native : None, True or False
-        Which implementation runs the op: see the base class; None picks the fastest one
-        that computes the same result.
+        Which implementation runs the op (see fusedres.ops.dispatch): None takes the MXNet
+        operator on the CPU and the CustomOp on GPUs.
 
     Inputs:
         - **data**: (batch_size, in_channels, width), float32 or float64 (float16 on GPU).
@@ -173,32 +115,22 @@ class ConvBNReLU1D(_TranslatingBlock):
                  running_mean_initializer="zeros", running_variance_initializer="ones",
                  use_native=None, **kwargs):
         super().__init__(use_native=use_native, **kwargs)
-        if activation not in ("relu", None):
-            raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
-        self._relu = activation == "relu"
         if layout != "NCW":
             raise ValueError(f"layout must be 'NCW', got {layout!r}")
-        self._channels = _single(channels, "channels")
-        self._kernel = _single(kernel_size, "kernel_size")
-        self._stride = _single(strides, "strides")
-        self._pad = _single(padding, "padding")
-        self._dilate = _single(dilation, "dilation")
-        self._groups = _single(groups, "groups")
+        self._attrs = ConvAttrs.from_gluon(
+            channels, kernel_size, strides=strides, padding=padding, dilation=dilation,
+            groups=groups, use_bias=use_bias, momentum=momentum, epsilon=epsilon,
+            use_global_stats=use_global_stats, activation=activation)
+        a = self._attrs
+        self._channels, self._kernel, self._stride = a.num_filter, a.kernel, a.stride
+        self._pad, self._dilate, self._groups = a.pad, a.dilate, a.num_group
+        self._relu, self._use_bias = a.relu, not a.no_bias
+        self._momentum, self._epsilon = float(momentum), float(epsilon)
+        self._use_global_stats = a.use_global_stats
         self._in_channels = _single(in_channels, "in_channels")
-        for name, value, low in (("channels", self._channels, 1), ("kernel_size", self._kernel, 1),
-                                 ("strides", self._stride, 1), ("padding", self._pad, 0),
-                                 ("dilation", self._dilate, 1), ("groups", self._groups, 1),
-                                 ("in_channels", self._in_channels, 0)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if self._channels % self._groups:
-            raise ValueError(f"groups ({self._groups}) must divide channels ({self._channels})")
         if self._in_channels % self._groups:
             raise ValueError(
                 f"groups ({self._groups}) must divide in_channels ({self._in_channels})")
-        self._use_bias = bool(use_bias)
-        self._momentum, self._epsilon = float(momentum), float(epsilon)
-        self._use_global_stats = bool(use_global_stats)
         c = self._channels
         with self.name_scope():
             self.weight = self.params.get(
@@ -226,13 +158,9 @@ class ConvBNReLU1D(_TranslatingBlock):
                 p.cast("float32")
 
     def hybrid_forward(self, F, x, weight, gamma, beta, running_mean, running_var, bias=None):
-        impl, extra = self._impl_kwargs()
-        return impl.conv1d_bn_relu(
-            x, weight, bias, gamma, beta, running_mean, running_var, kernel=self._kernel,
-            num_filter=self._channels, stride=self._stride, pad=self._pad,
-            dilate=self._dilate, num_group=self._groups, eps=self._epsilon,
-            momentum=self._momentum, use_global_stats=self._use_global_stats, relu=self._relu,
-            name="fwd", F=F, **extra)
+        return ops.run_conv1d_bn_relu(F, self._attrs, x, weight, bias, gamma, beta,
+                                      running_mean, running_var, name="fwd",
+                                      **self._op_args(F))
 
     def __repr__(self):
         in_ch = self.weight.shape[1] * self._groups if self.weight.shape[1] else None
@@ -265,7 +193,7 @@ class ConvBN1D(ConvBNReLU1D):
         super().__init__(channels, kernel_size, activation=None, **kwargs)
 
 
-class AddReLU(_TranslatingBlock):
+class AddReLU(_FusedBlock):
     """Fused ``relu(lhs + rhs)``: the residual join. Both inputs must have the same shape.
 
     Inputs:
@@ -275,9 +203,10 @@ class AddReLU(_TranslatingBlock):
         - **out**: ``max(lhs + rhs, 0)``.
     """
 
+    _input_names = ("lhs", "rhs")
+
     def hybrid_forward(self, F, lhs, rhs):
-        impl, extra = self._impl_kwargs()
-        return impl.add_relu(lhs, rhs, name="fwd", F=F, **extra)
+        return ops.run_add_relu(F, lhs, rhs, name="fwd", **self._op_args(F))
 
     def __repr__(self):
         return f"{self.__class__.__name__}()"

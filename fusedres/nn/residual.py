@@ -3,7 +3,7 @@ BasicBlockV1 in 1-D, and a Flux-style SkipConnection around any block."""
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
-from .basic import AddReLU, ConvBN1D, ConvBNReLU1D, _single, _TranslatingBlock
+from .basic import AddReLU, ConvBN1D, ConvBNReLU1D, _FusedBlock, _single
 
 
 def _same_padding(kernel_size, dilation):
@@ -16,7 +16,7 @@ def _same_padding(kernel_size, dilation):
     return span // 2
 
 
-class ResidualBlock1D(_TranslatingBlock):
+class ResidualBlock1D(_FusedBlock):
     r"""``relu(body(x) + shortcut(x))`` with a chain of fused convs as the body.
 
     The body is ``chain_length`` convolutions: every one but the last is a fused

@@ -1,76 +1,97 @@
-"""The fused ops as MXNet CustomOps, and their functional forms for NDArrays and Symbols.
+"""The fused ops and their functional forms, for NDArrays and Symbols.
 
-Importing this package registers ``fusedres_conv1d_bn_relu`` and ``fusedres_add_relu``.
+Each op exists as an MXNet operator (``_fusedres_conv1d_bn_relu``, ``_fusedres_add_relu``:
+:mod:`.native`, the CPU path) and as a Python CustomOp (``op_type='fusedres_conv1d_bn_relu'``,
+``'fusedres_add_relu'``: :mod:`.custom`, the GPU path); :mod:`.dispatch` holds the rule that
+picks one. Importing this package registers both.
 """
 import atexit
 
 import mxnet as mx
 
-from . import add_relu as _add_relu_op
-from . import conv1d_bn_relu as _conv_op
-from . import native
-from ._common import conv_attrs, translate_errors
+from . import custom, dispatch, native
+from .attrs import ConvAttrs
+from .errors import translate_errors
 
 # A CustomOp still queued when Python exits runs its callback during interpreter teardown,
 # which hangs or crashes MXNet's shutdown. Registered after MXNet's own exit hook, this runs
 # first and lets queued work finish while Python is still whole.
 atexit.register(mx.nd.waitall)
 
-# Register the native ops too when their library was built, so that `import fusedres` is all a
-# process needs before SymbolBlock.imports of a model exported with either implementation.
+# Register the MXNet operators now, so that `import fusedres` is all a process needs before
+# SymbolBlock.imports of an exported model.
 native.available()
 
-CONV1D_BN_RELU = _conv_op.OP_NAME
-ADD_RELU = _add_relu_op.OP_NAME
+CONV1D_BN_RELU = native.CONV1D_BN_RELU
+ADD_RELU = native.ADD_RELU
 
 
-def _namespace(x):
-    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
+def _namespace(arrays, names):
+    """mx.nd or mx.sym, from arrays that must all be NDArrays or all Symbols."""
+    kinds = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    first_name, first = kinds[0]
+    if isinstance(first, mx.sym.Symbol):
+        F, kind = mx.sym, mx.sym.Symbol
+    elif isinstance(first, mx.nd.NDArray):
+        F, kind = mx.nd, mx.nd.NDArray
+    else:
+        raise TypeError(f"{first_name} must be an NDArray or a Symbol, got "
+                        f"{type(first).__name__}")
+    for name, a in kinds[1:]:
+        if not isinstance(a, kind):
+            raise TypeError(f"{name} must be a{'n' if kind is mx.nd.NDArray else ''} "
+                            f"{kind.__name__} like {first_name}, got {type(a).__name__}")
+    return F
 
 
-def _plain(F, x, plain_layout, name=None):
-    """x as the CustomOp may read it. MXNet hands a CustomOp the raw memory of its inputs, and
-    an MKLDNN operator's output can be in a blocked layout that then reads as garbage; the
-    identity operator converts it (one copy). Needed on the CPU only: None decides by the
-    NDArray's device, and for Symbols (device unknown) inserts it."""
-    if plain_layout is None:
-        plain_layout = F is mx.sym or x.context.device_type != "gpu"
-    if not plain_layout:
-        return x
-    return F.identity(x, name=name) if name is not None else F.identity(x)
+def _check_size(F, name, x):
+    # A zero-size dimension reaches the operators as an unknown one, which names nothing.
+    if F is mx.nd and 0 in x.shape:
+        raise ValueError(f"{name} must have no zero-size dimension, got shape {x.shape}")
 
 
-def _invoke(F, *args, **kwargs):
-    if F is mx.sym:
-        return F.Custom(*args, **kwargs)
+def run_conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean, running_var,
+                       name=None, use_native=None, ctx=None):
+    """conv1d_bn_relu with validated attributes (a ConvAttrs), for the blocks. ctx: the data's
+    context when F is mx.sym (None: unknown)."""
+    if F is mx.nd:
+        _check_size(F, "data", data)
+        ctx = data.context
+    impl = dispatch.choose(use_native, ctx)
     with translate_errors():
-        return F.Custom(*args, **kwargs)
+        return impl.conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean,
+                                   running_var, name=name)
+
+
+def run_add_relu(F, lhs, rhs, name=None, use_native=None, ctx=None):
+    """add_relu for the blocks (see run_conv1d_bn_relu)."""
+    if F is mx.nd:
+        _check_size(F, "lhs", lhs)
+        _check_size(F, "rhs", rhs)
+        ctx = lhs.context
+    impl = dispatch.choose(use_native, ctx)
+    with translate_errors():
+        return impl.add_relu(F, lhs, rhs, name=name)
 
 
 def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
                    num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
-                   use_global_stats=False, relu=True, name=None, F=None, plain_layout=None):
+                   use_global_stats=False, relu=True, name=None, use_native=None):
     """relu(BatchNorm(Convolution(data))) fused, for NDArrays or Symbols.
 
     Mirrors ``Convolution(kernel=(k,), ...)`` followed by ``BatchNorm(fix_gamma=False, ...)``
     and ``relu`` (``relu=False``: no relu). ``bias=None`` means no conv bias. With autograd in
-    training mode (or a Symbol executor with ``is_train=True``) the batch statistics normalize
+    training mode (or an executor's ``forward(is_train=True)``) the batch statistics normalize
     and the running statistics are updated in place; otherwise the running statistics are used.
-    ``plain_layout``: see ``_plain`` (None is right unless you know the data's device).
+    ``use_native``: see :func:`fusedres.ops.dispatch.choose`.
     """
-    F = F or _namespace(data)
-    # The weight too: a stock MKLDNN Conv1D whose Parameter fuse() handed over may have
-    # reordered it in place during inference.
-    args = [_plain(F, data, plain_layout, name and f"{name}_data"),
-            _plain(F, weight, plain_layout, name and f"{name}_weight_plain")] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
-                                                               running_var]
-    kw = dict(op_type=CONV1D_BN_RELU, **conv_attrs(
-        kernel, num_filter, stride=stride, pad=pad, dilate=dilate, num_group=num_group,
-        no_bias=bias is None, eps=eps, momentum=momentum, use_global_stats=use_global_stats,
-        relu=relu))
-    if name is not None:
-        kw["name"] = name
-    return _invoke(F, *args, **kw)
+    names = ("data", "weight", "bias", "gamma", "beta", "running_mean", "running_var")
+    F = _namespace((data, weight, bias, gamma, beta, running_mean, running_var), names)
+    attrs = ConvAttrs.parse(kernel=kernel, num_filter=num_filter, stride=stride, pad=pad,
+                            dilate=dilate, num_group=num_group, no_bias=bias is None, eps=eps,
+                            momentum=momentum, use_global_stats=use_global_stats, relu=relu)
+    return run_conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean,
+                              running_var, name=name, use_native=use_native)
 
 
 def conv1d_bn_relu_symbol(data, *, num_filter, kernel, name, no_bias=False, **kwargs):
@@ -84,17 +105,14 @@ def conv1d_bn_relu_symbol(data, *, num_filter, kernel, name, no_bias=False, **kw
         data, v(f"{name}_weight"), None if no_bias else v(f"{name}_bias"), v(f"{name}_gamma"),
         v(f"{name}_beta"), v(f"{name}_running_mean", init=mx.init.Zero()),
         v(f"{name}_running_var", init=mx.init.One()), kernel=kernel, num_filter=num_filter,
-        name=name, F=mx.sym, **kwargs)
+        name=name, **kwargs)
 
 
-def add_relu(lhs, rhs, name=None, F=None, plain_layout=None):
+def add_relu(lhs, rhs, name=None, use_native=None):
     """relu(lhs + rhs) fused, for NDArrays or Symbols of the same shape."""
-    F = F or _namespace(lhs)
-    kw = dict(op_type=ADD_RELU)
-    if name is not None:
-        kw["name"] = name
-    return _invoke(F, _plain(F, lhs, plain_layout, name and f"{name}_lhs"),
-                   _plain(F, rhs, plain_layout, name and f"{name}_rhs"), **kw)
+    F = _namespace((lhs, rhs), ("lhs", "rhs"))
+    return run_add_relu(F, lhs, rhs, name=name, use_native=use_native)
 
 
-__all__ = ["conv1d_bn_relu", "conv1d_bn_relu_symbol", "add_relu", "CONV1D_BN_RELU", "ADD_RELU", "translate_errors"]
+__all__ = ["conv1d_bn_relu", "conv1d_bn_relu_symbol", "add_relu", "ConvAttrs", "CONV1D_BN_RELU",
+           "ADD_RELU", "translate_errors"]

@@ -2,8 +2,9 @@
 import mxnet as mx
 import numpy as np
 
-from ._common import (Target, backend_for, check_dtypes, check_no_zero_size, mx_dtype,
-                      record_error)
+from .attrs import check_dtypes
+from .backends import Target, backend_for, is_cpu, mx_dtype
+from .errors import record_error
 
 OP_NAME = "fusedres_add_relu"
 
@@ -45,8 +46,11 @@ class AddReLUProp(mx.operator.CustomOpProp):
 
     def infer_shape(self, in_shape):
         lhs, rhs = list(in_shape[0]), list(in_shape[1])
-        check_no_zero_size("lhs", lhs)
-        check_no_zero_size("rhs", rhs)
+        for name, shape in (("lhs", lhs), ("rhs", rhs)):
+            # Under numpy shape semantics 0 is a real (empty) dimension.
+            if mx.util.is_np_shape() and 0 in shape:
+                raise record_error(ValueError(
+                    f"{name} must have no zero-size dimension, got shape {tuple(shape)}"))
         if lhs and rhs and lhs != rhs:
             raise record_error(ValueError(
                 f"rhs must have the same shape as lhs {tuple(lhs)}, got {tuple(rhs)} "
@@ -55,7 +59,11 @@ class AddReLUProp(mx.operator.CustomOpProp):
         return [shape, shape], [shape], []
 
     def infer_type(self, in_type):
-        dt = check_dtypes(["lhs", "rhs"], in_type, allowed=(np.float32, np.float64, np.float16))
+        try:
+            dt = check_dtypes(["lhs", "rhs"], in_type,
+                              allowed=(np.float32, np.float64, np.float16))
+        except TypeError as err:
+            raise record_error(err) from None
         return [dt, dt], [dt], []
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
@@ -65,6 +73,6 @@ class AddReLUProp(mx.operator.CustomOpProp):
         return [out_grad[0]] + list(in_data) + [out_data[0]]
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
-        if ctx.device_type != "gpu" and mx_dtype(in_dtypes[0]) == np.float16:
+        if is_cpu(ctx) and mx_dtype(in_dtypes[0]) == np.float16:
             raise record_error(TypeError("lhs must be float32 or float64 on the CPU, got float16"))
         return AddReLU(ctx)

@@ -1,188 +1,178 @@
-"""The fused ops as native MXNet operators: a low-overhead alternative to the CustomOps.
+"""The fused ops as MXNet operators, registered next to MXNet's own.
 
-``libfusedres_mxop.so`` (csrc/mxop, built next to ``fusedres/_C``) is an MXNet external
-operator library: ``mx.library.load`` registers ``_fusedres_conv1d_bn_relu`` and
-``_fusedres_add_relu`` as ordinary operators (``mx.nd._internal`` / ``mx.sym._internal``), with
-the per-call cost of a built-in op instead of a Python callback (~2 ms per forward+backward for
-a CustomOp). They run on the CPU, hybridize and export; a process that imports an exported
-model must call :func:`load` (or ``mx.library.load(library_path())``) before
-``SymbolBlock.imports``.
+``libfusedres_mxop.so`` (csrc/mxop, built with fusedres) adds ``_fusedres_conv1d_bn_relu`` and
+``_fusedres_add_relu`` (and their backward ops) to libmxnet's operator registry, the way
+MXNet's built-in operators are registered: a built-in op's per-call cost, ``OpReqType`` for
+every output (``grad_req`` write, add, null; MXNet's in-place gradient aggregation), the
+executor's ``is_train`` in every mode (autograd, ``hybridize`` with or without
+``static_alloc``, ``Symbol.bind``, Module), and MXNet's own conversion of MKLDNN-layout inputs.
+They run on the CPU; on a GPU the blocks use the CustomOps (see :mod:`fusedres.ops`).
 
-Same contract as :mod:`fusedres.ops` (arguments, attributes, running statistics, inference
-folding), with what MXNet 1.9.1's library API cannot express:
+``import fusedres`` loads them, so a process that imports a model exported with them needs
+only ``import fusedres`` before ``SymbolBlock.imports``.
 
-* It never tells an op its ``req``: gradients are always *written*. Anything that asks MXNet to
-  accumulate into a gradient (``kAddTo``) silently loses the accumulation. That is
-  ``grad_req='add'`` on a parameter or an input, and MXNet's own in-place gradient aggregation
-  (``DetectInplaceAddTo``), which the legacy GraphExecutor (``Symbol.bind``/``simple_bind``,
-  Module) always runs and Gluon runs for ``hybridize(static_alloc=True)`` backward, whenever an
-  array feeds several consumers (a residual skip). Imperative autograd and the default
-  ``hybridize()`` never use ``kAddTo`` for that; they sum the branches with ``_grad_add``
-  instead. Use :func:`native_ok` to decide, and the CustomOps where it says no.
-  (``MXNET_EXEC_ENABLE_ADDTO`` is documented for MXNet but not read by 1.9.1's sources; it is
-  treated as a refusal here in case a build honours it.)
-* It never tells an op whether it runs in training mode: the conv op reads MXNet's training
-  flag when its state is created, on the calling thread (imperative calls, and each run of a
-  hybridized block). The GraphExecutor creates the state once, at bind time, so its
-  ``forward(is_train=...)`` is not honoured: do not train through ``Symbol.bind`` with it.
-* Shape inference needs every input's rank known (Gluon always gives it); a bare
-  ``mx.sym.var`` without a shape makes MXNet 1.9.1's lib_api shape callback fail with
-  ``std::bad_alloc`` before the op sees it.
+The library is built against the headers of MXNet 1.9.1's PyPI wheels and for the C++ ABI of
+their ``libmxnet.so`` (GCC 4.8's, old std::string ABI: csrc/mxop/nnvm_bridge.h says how). Before
+loading it this module checks that the running libmxnet has that ABI, and refuses with a reason
+instead of loading it into a libmxnet built otherwise.
 """
-import contextlib
+import ctypes
 import os
 import re
+import struct
 import threading
 from pathlib import Path
 
 import mxnet as mx
 
-from ._common import conv_attrs
-
+LIBRARY_NAME = "libfusedres_mxop.so"
 CONV1D_BN_RELU = "_fusedres_conv1d_bn_relu"
 ADD_RELU = "_fusedres_add_relu"
-LIBRARY_NAME = "libfusedres_mxop.so"
+
+# C++ symbols the library takes from libmxnet, in the old-ABI mangling it was built for.
+_REQUIRED_SYMBOLS = (
+    "_ZN4dmlc8RegistryIN4nnvm2OpEE3GetEv",                       # dmlc::Registry<Op>::Get()
+    "_ZN4nnvm2Op13UpdateAttrMapERKSsSt8functionIFvPN4dmlc3anyEEE",  # Op::UpdateAttrMap
+    "_ZN4nnvm2OpC1Ev",                                           # Op::Op()
+    "_ZN5mxnet6Engine3GetEv",                                    # Engine::Get()
+    "_ZNK5mxnet2op20ElemwiseGradUseInOutclERKSt10shared_ptrIN4nnvm4NodeEERKSt6vectorINS3_"
+    "9NodeEntryESaIS9_EE",                                       # ElemwiseGradUseInOut()
+    "_ZN5mxnet2op19MakeNonlossGradNodeEPKcRKSt10shared_ptrIN4nnvm4NodeEERKSt6vectorINS4_9Node"
+    "EntryESaISA_EESE_RKSt13unordered_mapISsSsSt4hashISsESt8equal_toISsESaISt4pairIKSsSsEEE",
+)
 
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}
 
 
 def library_path():
-    """Where the native op library is: $FUSEDRES_MXOP_LIB, else next to fusedres/_C."""
+    """Where the library is: $FUSEDRES_MXOP_LIB, else next to fusedres/_C."""
     env = os.environ.get("FUSEDRES_MXOP_LIB")
     if env:
         return str(Path(env).resolve())
-    return str((Path(__file__).resolve().parent.parent / LIBRARY_NAME))
+    return str(Path(__file__).resolve().parent.parent / LIBRARY_NAME)
+
+
+def _elf_comment(path):
+    """The .comment section of an ELF file (the compilers that built it), or b""."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only
+            return b""
+        shoff, = struct.unpack_from("<Q", head, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        sections = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
+        strtab = sections[shstrndx]
+        f.seek(strtab[4])
+        names = f.read(strtab[5])
+        for name_off, _, _, _, off, size in sections:
+            if names[name_off:names.index(b"\0", name_off)] == b".comment":
+                f.seek(off)
+                return f.read(size)
+    return b""
+
+
+def libmxnet_abi():
+    """(path, legacy_invoker) of the running libmxnet, or raises RuntimeError saying why the
+    library cannot be loaded into it. legacy_invoker: built by GCC < 5 (see nnvm_bridge.h)."""
+    lib = mx.base._LIB
+    path = getattr(lib, "_name", None)
+    if not path or not os.path.exists(path):
+        raise RuntimeError("cannot locate the loaded libmxnet.so")
+    missing = [s for s in _REQUIRED_SYMBOLS if not hasattr(lib, s)]
+    if missing:
+        raise RuntimeError(
+            f"{path} does not export {missing[0]}: it is not built like MXNet 1.9.1's PyPI "
+            "wheels (old C++ string ABI), which the fused MXNet operators need")
+    versions = [int(v) for v in re.findall(rb"GCC: \([^)]*\) (\d+)\.", _elf_comment(path))]
+    if not versions:
+        raise RuntimeError(f"{path} does not say which compiler built it (no .comment section)")
+    return path, max(versions) < 5
 
 
 def load():
-    """Load the library into MXNet once per process; returns its path or raises RuntimeError."""
+    """Register the ops once per process; returns the library's path or raises RuntimeError."""
     with _lock:
         if _state["loaded"]:
             return _state["loaded"]
         if _state["error"] is not None:
             raise RuntimeError(_state["error"])
-        path = library_path()
         try:
-            if not os.path.exists(path):
-                raise RuntimeError(
-                    f"{path} does not exist (it is built with fusedres when MXNet is importable "
-                    "at build time; rebuild with `pip install -e .`, or set FUSEDRES_MXOP_LIB)")
-            if not hasattr(mx, "library") or not hasattr(mx.library, "load"):
-                raise RuntimeError(f"MXNet {mx.__version__} has no mx.library.load")
-            try:
-                mx.library.load(path, verbose=False)
-            except TypeError:  # older signature without verbose
-                mx.library.load(path)
-            except mx.base.MXNetError as err:
-                raise RuntimeError(f"mx.library.load({path}) failed: {err}") from None
-            if not (hasattr(mx.nd._internal, CONV1D_BN_RELU)
-                    and hasattr(mx.nd._internal, ADD_RELU)):
-                raise RuntimeError(f"{path} loaded but did not register {CONV1D_BN_RELU} and "
-                                   f"{ADD_RELU}")
+            _state["loaded"] = _load()
         except RuntimeError as err:
             _state["error"] = str(err)
             raise
-        _state["loaded"] = path
-        return path
+        return _state["loaded"]
+
+
+def _load():
+    if not mx.__version__.startswith("1.9."):
+        raise RuntimeError(f"the fused MXNet operators are built for MXNet 1.9, not "
+                           f"{mx.__version__}")
+    path = library_path()
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} does not exist (it is built with fusedres: reinstall, or "
+                           "set FUSEDRES_MXOP_LIB)")
+    _, legacy = libmxnet_abi()
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as err:
+        raise RuntimeError(f"cannot load {path}: {err}") from None
+    register = lib.fusedres_mxop_register
+    register.restype = ctypes.c_char_p
+    register.argtypes = [ctypes.c_int]
+    error = register(int(legacy))
+    if error is not None:
+        raise RuntimeError(f"{path} failed to register its operators: {error.decode()}")
+    _make_frontends()
+    return path
+
+
+def _make_frontends():
+    """mx.nd._internal / mx.sym._internal functions for the new ops, made by MXNet's own
+    frontend generators (MXNet made its own ops' functions at import, before these existed)."""
+    from mxnet.ndarray.register import _make_ndarray_function
+    from mxnet.symbol.register import _make_symbol_function
+    for name in (CONV1D_BN_RELU, ADD_RELU):
+        handle = mx.base.OpHandle()
+        mx.base.check_call(mx.base._LIB.NNGetOpHandle(mx.base.c_str(name), ctypes.byref(handle)))
+        setattr(mx.nd._internal, name, _make_ndarray_function(handle, name, name))
+        setattr(mx.sym._internal, name, _make_symbol_function(handle, name, name))
 
 
 def available():
-    """(True, path) when the native ops are registered (loading them if needed), else
-    (False, reason)."""
+    """(True, path) when the ops are registered (loading them if needed), else (False, why)."""
     try:
         return True, load()
     except RuntimeError as err:
         return False, str(err)
 
 
-def native_ok(params=(), ctx=None, static_alloc=False):
-    """Whether the native ops compute what the CustomOps would for this use; (bool, reason).
-
-    params: Parameters (or a ParameterDict) the op takes gradients for; grad_req 'add' needs
-        accumulation, which the native ops cannot do (MXNet does not pass them req).
-    ctx: the data's context; the native ops run on the CPU only.
-    static_alloc: the block is hybridized with static_alloc=True, whose backward lets MXNet
-        accumulate branch gradients in place (kAddTo) into the native op's outputs.
-    """
-    ok, why = available()
-    if not ok:
-        return False, why
-    if ctx is None and mx.runtime.Features().is_enabled("CUDA"):
-        return False, "the data's device is unknown and this MXNet has GPUs; CPU only"
-    if ctx is not None and ctx.device_type not in ("cpu", "cpu_pinned", "cpu_shared"):
-        return False, f"data is on {ctx}; the native ops run on the CPU only"
-    if hasattr(params, "values"):
-        params = params.values()
-    for p in params:
-        if p is not None and getattr(p, "grad_req", "write") == "add":
-            return False, (f"parameter {p.name} has grad_req='add'; the native ops cannot "
-                           "accumulate gradients (MXNet's library API does not pass req)")
-    if static_alloc:
-        return False, ("hybridize(static_alloc=True) backward may ask the op to accumulate a "
-                       "branch gradient in place (kAddTo), which the native ops cannot do")
-    if os.environ.get("MXNET_EXEC_ENABLE_ADDTO", "0") not in ("", "0"):
-        return False, "MXNET_EXEC_ENABLE_ADDTO is set: MXNet may ask for kAddTo gradients"
-    return True, "native"
 
 
-_TYPE_ERROR = re.compile(r"dtype|must be float32|must be an int|must be a number|must be a bool")
-_EXT_MSG = re.compile(r"\]: (.*)$", re.M)
-
-
-@contextlib.contextmanager
-def translate_errors():
-    """Re-raise a native op's validation failure (an MXNetError carrying the library's
-    message) as the ValueError/TypeError the CustomOps raise, with the same message."""
-    try:
-        yield
-    except (mx.base.MXNetError, ValueError) as err:
-        text = str(err)
-        if "_fusedres_" not in text or "Extension Traceback" not in text:
-            raise
-        msgs = _EXT_MSG.findall(text.split("Extension Traceback", 1)[1])
-        if not msgs:
-            raise
-        msg = msgs[-1].strip()
-        cls = TypeError if _TYPE_ERROR.search(msg) else ValueError
-        raise cls(msg) from err
-
-
-def _namespace(x):
-    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
-
-
-def _invoke(F, op_name, *args, **kwargs):
+def conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean, running_var,
+                   name=None):
+    """relu(BatchNorm(Convolution(data))) by the MXNet operator; attrs: a ConvAttrs."""
     load()
-    op = getattr(F._internal, op_name)
-    if F is mx.sym:
-        return op(*args, **kwargs)
-    with translate_errors():
-        return op(*args, **kwargs)
-
-
-def conv1d_bn_relu(data, weight, bias, gamma, beta, running_mean, running_var, *, kernel,
-                   num_filter, stride=1, pad=0, dilate=1, num_group=1, eps=1e-5, momentum=0.9,
-                   use_global_stats=False, relu=True, name=None, F=None):
-    """Native relu(BatchNorm(Convolution(data))): same signature and semantics as
-    :func:`fusedres.ops.conv1d_bn_relu` (see this module's notes on req and training mode)."""
-    F = F or _namespace(data)
-    args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
-                                                               running_var]
-    kw = conv_attrs(kernel, num_filter, stride=stride, pad=pad, dilate=dilate,
-                    num_group=num_group, no_bias=bias is None, eps=eps, momentum=momentum,
-                    use_global_stats=use_global_stats, relu=relu)
+    # By name: MXNet's generated frontends map positional arrays to the op's full argument
+    # list, which has a bias slot also when no_bias leaves it out.
+    kw = dict(attrs.op_kwargs, data=data, weight=weight, gamma=gamma, beta=beta,
+              running_mean=running_mean, running_var=running_var)
+    if bias is not None:
+        kw["bias"] = bias
     if name is not None:
         kw["name"] = name
-    return _invoke(F, CONV1D_BN_RELU, *args, **kw)
+    return getattr(F._internal, CONV1D_BN_RELU)(**kw)
 
 
-def add_relu(lhs, rhs, name=None, F=None):
-    """Native relu(lhs + rhs) for arrays or Symbols of the same shape."""
-    F = F or _namespace(lhs)
+def add_relu(F, lhs, rhs, name=None):
+    """relu(lhs + rhs) by the MXNet operator."""
+    load()
     kw = {} if name is None else {"name": name}
-    return _invoke(F, ADD_RELU, lhs, rhs, **kw)
+    return getattr(F._internal, ADD_RELU)(lhs, rhs, **kw)
 
 
-__all__ = ["available", "load", "library_path", "native_ok", "translate_errors",
-           "conv1d_bn_relu", "add_relu", "CONV1D_BN_RELU", "ADD_RELU"]
+__all__ = ["available", "load", "library_path", "libmxnet_abi", "conv1d_bn_relu", "add_relu",
+           "CONV1D_BN_RELU", "ADD_RELU"]
