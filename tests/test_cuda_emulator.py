@@ -34,6 +34,12 @@ extern "C" __global__ void early_return(int n, const float* x, float* y) {
   y[base + t] = s[n - 1 - t];
 }
 
+// Lanes at or past n return; the others shuffle, with a full mask.
+extern "C" __global__ void shuffle_after_return(int n, int lane_mask, int* out) {
+  if ((int)threadIdx.x >= n) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, lane_mask);
+}
+
 extern "C" __global__ void half_from_bits(long long n, const unsigned short* b, float* f) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x)
@@ -98,6 +104,13 @@ def test_returned_threads_leave_the_barrier(cp, n):
     np.testing.assert_array_equal(cp.asnumpy(y), x.reshape(3, n)[:, ::-1].ravel())
 
 
+def test_shuffles_among_lanes_left(cp):
+    """A full-mask shuffle after some lanes returned: CUDA waits only for the lanes left."""
+    out = cp.zeros(32, np.int32)
+    _kernel(cp, "shuffle_after_return")((1,), (32,), (np.int32(20), np.int32(1), out))
+    assert cp.asnumpy(out).tolist() == [t ^ 1 for t in range(20)] + [0] * 12
+
+
 @pytest.mark.parametrize("options", [(), ("-DCUEMU_SOFT_HALF",)], ids=["native", "software"])
 def test_half_conversions_round_to_nearest_even(cp, options):
     """Every half to float, and 2.1 million floats spread over all bit patterns to half, as
@@ -128,10 +141,6 @@ extern "C" __global__ void split_barrier(int* out) {
   if (threadIdx.x < 32) __syncthreads();
   else __syncthreads();
   out[threadIdx.x] = 1;
-}
-extern "C" __global__ void shuffle_after_return(int n, int* out) {
-  if ((int)threadIdx.x >= n) return;
-  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
 }
 extern "C" __global__ void widths_disagree(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1, threadIdx.x < 16 ? 16 : 32);
@@ -165,15 +174,18 @@ extern "C" __global__ void warp_order(int* out) {
 
 @pytest.mark.parametrize("kernel, block, args, match", [
     ("split_barrier", 64, (), "different __syncthreads"),
-    ("shuffle_after_return", 32, (np.int32(20),), "names lane 20, which has returned"),
-    ("shuffle_after_return", 48, (np.int32(48),), "names lane 16, which does not exist"),
+    ("shuffle_after_return", 32, (np.int32(20), np.int32(16)), "reads lane 20, which has "
+                                                                 "returned"),
+    ("shuffle_after_return", 48, (np.int32(48), np.int32(16)), "reads lane 16, which does not "
+                                                                 "exist"),
     ("widths_disagree", 32, (), "different warp operations"),
     ("shuffle_meets_barrier", 32, (), "deadlock"),
 ])
 def test_undefined_synchronization_fails_the_launch(emu, kernel, block, args, match):
     out = emu.zeros(block, np.int32)
+    code = SHUFFLES if kernel == "shuffle_after_return" else CHECKS
     with pytest.raises(emu.CUDADriverError, match=match):
-        _kernel(emu, kernel, CHECKS)((1,), (block,), args + (out,))
+        _kernel(emu, kernel, code)((1,), (block,), args + (out,))
 
 
 def test_launch_configuration_and_arguments_are_checked(emu):

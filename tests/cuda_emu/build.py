@@ -2,9 +2,11 @@
 front, plus a generated table of its ``extern "C" __global__`` kernels, into a shared library.
 
 Builds are cached on disk (FUSEDRES_CUDA_EMU_CACHE, default ~/.cache/fusedres/cuda_emu), keyed on
-the *preprocessed* source with the compiler and flags, so that a changed header included by the
-source is never served a stale build.
+the *preprocessed* source with the compiler and the flags other than include directories: a
+changed header included by the source is never served a stale build, and the same sources in
+another directory (the tests' mutants) are. Builds unused for 30 days are removed.
 """
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -12,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -115,11 +118,14 @@ def build(code, options=()):
         for m in _KERNEL.finditer(scan):
             kernels.setdefault(m.group("name"), (m.group("lb1") or m.group("lb2") or "").strip())
         version = _run([cxx, "--version"], tmp)
-        key = hashlib.sha256("\0".join([version, " ".join(flags), " ".join(CXXFLAGS), scan])
+        keyed = [f for f in flags if not f.startswith("-I")]
+        key = hashlib.sha256("\0".join([version, " ".join(keyed), " ".join(CXXFLAGS), scan])
                              .encode()).hexdigest()[:32]
         lib = cache_dir() / f"{key}.so"
         if lib.is_file():
+            os.utime(lib)
             return lib
+        _prune(cache_dir())
         (Path(tmp) / "module_emu.cpp").write_text('#include "module.cu"\n' + _generated(kernels))
         _run([cxx, *CXXFLAGS, *flags, "-x", "c++", "module_emu.cpp", "-o", "module.so"], tmp)
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,14 @@ def build(code, options=()):
         shutil.copyfile(Path(tmp) / "module.so", part)
         os.replace(part, lib)  # atomic: concurrent builds of one key do not see half a file
         return lib
+
+
+def _prune(directory, days=30):
+    cutoff = time.time() - days * 86400
+    for old in directory.glob("*.so"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 class KernelInfo:

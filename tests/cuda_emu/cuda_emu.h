@@ -12,8 +12,9 @@
 // thread_local: a worker runs one block at a time and fibers never move between workers.
 //
 // Checks (a failed one aborts the launch with a message): block shape and grid limits, launch
-// bounds, __syncthreads reached from different source lines, a shuffle whose mask names a lane
-// that has returned or does not exist, lanes of one mask disagreeing on the operation, deadlock.
+// bounds, __syncthreads reached from different source lines, a shuffle reading a lane that has
+// returned, does not exist or is outside the mask, lanes of one mask disagreeing on the
+// operation, deadlock.
 #pragma once
 
 #include <math.h>
@@ -38,7 +39,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __noinline__ __attribute__((noinline))
 #define __shared__ static thread_local
 #define __launch_bounds__(...)
 
@@ -268,7 +268,9 @@ inline void describe(const Thread& t, char* buf, size_t n) {
 }
 
 // Completes the warp operations whose lanes have all arrived; returns how many lanes it freed.
-// Lanes of one mask must agree on the operation, its width and its mask.
+// As in CUDA, lanes of the mask that have returned (or do not exist: a partial warp) are not
+// waited for; reading one is an error, since CUDA leaves the value undefined. Lanes of one mask
+// must agree on the operation, its width and its mask.
 inline int release_warp_ops(Worker& w, Thread* lanes, int nlanes) {
   unsigned live = 0, waiting = 0;
   for (int i = 0; i < nlanes; ++i) {
@@ -278,25 +280,17 @@ inline int release_warp_ops(Worker& w, Thread* lanes, int nlanes) {
   int freed = 0;
   for (int i = 0; i < nlanes; ++i) {
     Thread& t = lanes[i];
-    if (t.state != kAtWarp || !(t.mask & (1u << i))) {
-      if (t.state == kAtWarp) {
-        fail("thread (%u,%u,%u): %s (%s:%d) with mask 0x%08x, which does not name the thread",
-             t.idx.x, t.idx.y, t.idx.z, op_name(t.op), t.site.file, t.site.line, t.mask);
-        return -1;
-      }
-      continue;
-    }
-    if (t.mask & ~live) {
-      const int gone = __builtin_ctz(t.mask & ~live);
-      fail("thread (%u,%u,%u): %s (%s:%d) with mask 0x%08x names lane %d, which %s", t.idx.x,
-           t.idx.y, t.idx.z, op_name(t.op), t.site.file, t.site.line, t.mask, gone,
-           gone < nlanes ? "has returned" : "does not exist (partial warp)");
+    if (t.state != kAtWarp) continue;
+    if (!(t.mask & (1u << i))) {
+      fail("thread (%u,%u,%u): %s (%s:%d) with mask 0x%08x, which does not name the thread",
+           t.idx.x, t.idx.y, t.idx.z, op_name(t.op), t.site.file, t.site.line, t.mask);
       return -1;
     }
-    if ((t.mask & waiting) != t.mask) continue;  // some lane of the mask is still running
+    const unsigned group = t.mask & live;
+    if ((group & waiting) != group) continue;  // some lane of the mask is still running
     for (int j = 0; j < nlanes; ++j) {
       const Thread& u = lanes[j];
-      if (!(t.mask & (1u << j))) continue;
+      if (!(group & (1u << j))) continue;
       if (u.op != t.op || u.mask != t.mask || u.width != t.width) {
         fail("lanes %d and %d of warp %d meet at different warp operations: %s (%s:%d) mask "
              "0x%08x width %d, and %s (%s:%d) mask 0x%08x width %d", i, j, t.warp,
@@ -306,34 +300,33 @@ inline int release_warp_ops(Worker& w, Thread* lanes, int nlanes) {
       }
     }
     // Exchange as PTX shfl.sync defines it: c = ((32 - width) << 8) | clamp.
-    const unsigned mask = t.mask;
     for (int j = 0; j < nlanes; ++j) {
       Thread& u = lanes[j];
-      if (!(mask & (1u << j))) continue;
-      if (u.op != kSyncwarp) {
-        const int segmask = (32 - u.width) & 31;
-        const int clamp = u.op == kShflUp ? 0 : 31;
-        const int max_lane = (j & segmask) | (clamp & ~segmask);
-        const int min_lane = j & segmask;
-        int src = j;
-        bool ok;
-        switch (u.op) {
-          case kShflUp: src = j - u.arg; ok = src >= max_lane; break;
-          case kShflDown: src = j + u.arg; ok = src <= max_lane; break;
-          case kShflXor: src = j ^ u.arg; ok = src <= max_lane; break;
-          default: src = min_lane | (u.arg & ~segmask); ok = src <= max_lane; break;
-        }
-        if (!ok) src = j;
-        if (!(mask & (1u << src))) {
-          fail("thread (%u,%u,%u): %s (%s:%d) reads lane %d, outside mask 0x%08x", u.idx.x,
-               u.idx.y, u.idx.z, op_name(u.op), u.site.file, u.site.line, src, mask);
-          return -1;
-        }
-        u.result = lanes[src].value;
+      if (!(group & (1u << j)) || u.op == kSyncwarp) continue;
+      const int segmask = (32 - u.width) & 31;
+      const int clamp = u.op == kShflUp ? 0 : 31;
+      const int max_lane = (j & segmask) | (clamp & ~segmask);
+      const int min_lane = j & segmask;
+      int src;
+      bool ok;
+      switch (u.op) {
+        case kShflUp: src = j - u.arg; ok = src >= max_lane; break;
+        case kShflDown: src = j + u.arg; ok = src <= max_lane; break;
+        case kShflXor: src = j ^ u.arg; ok = src <= max_lane; break;
+        default: src = min_lane | (u.arg & ~segmask); ok = src <= max_lane; break;
       }
+      if (!ok) src = j;
+      if (!(group & (1u << src))) {
+        fail("thread (%u,%u,%u): %s (%s:%d) reads lane %d, which %s", u.idx.x, u.idx.y,
+             u.idx.z, op_name(u.op), u.site.file, u.site.line, src,
+             src >= nlanes ? "does not exist (partial warp)"
+             : lanes[src].state == kDone ? "has returned" : "is outside the mask");
+        return -1;
+      }
+      u.result = lanes[src].value;
     }
     for (int j = 0; j < nlanes; ++j)
-      if (mask & (1u << j)) {
+      if (group & (1u << j)) {
         lanes[j].state = kReady;
         waiting &= ~(1u << j);
         ++freed;
@@ -581,7 +574,6 @@ inline double max(double a, double b) { return fmax(a, b); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,7 +639,6 @@ struct __half {
 static_assert(sizeof(__half) == 2 && alignof(__half) == 2, "__half layout");
 
 inline __half __float2half_rn(float f) { return __half(f); }
-inline __half __float2half(float f) { return __half(f); }
 inline float __half2float(__half h) { return float(h); }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half __ushort_as_half(unsigned short b) {

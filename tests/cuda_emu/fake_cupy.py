@@ -33,9 +33,6 @@ from . import build
 
 __version__ = "emulator"
 
-float16, float32, float64 = np.float16, np.float32, np.float64
-int32, int64, uint64 = np.int32, np.int64, np.uint64
-
 
 class _Config:
     def __init__(self):
@@ -89,10 +86,6 @@ class Device:
         return {"MultiProcessorCount": config.sm_count, "MaxThreadsPerBlock": 1024,
                 "WarpSize": 32}
 
-    def use(self):
-        self._check()
-        _local.device = self.id
-
     def synchronize(self):
         self._check()
 
@@ -117,7 +110,7 @@ class Device:
 
 
 class Stream:
-    """Launches run synchronously, so a stream only keeps CuPy's current-stream protocol."""
+    """Launches run synchronously: a stream has nothing to wait for."""
 
     def __init__(self, null=False, non_blocking=False, ptr=0):
         self.ptr = ptr
@@ -125,24 +118,12 @@ class Stream:
     def synchronize(self):
         pass
 
-    def use(self):
-        _local.stream = self
-        return self
-
-    def __enter__(self):
-        _local.__dict__.setdefault("streams", []).append(get_current_stream())
-        _local.stream = self
-        return self
-
-    def __exit__(self, *exc):
-        _local.stream = _local.streams.pop()
-
 
 Stream.null = Stream(null=True)
 
 
 def get_current_stream():
-    return getattr(_local, "stream", Stream.null)
+    return Stream.null
 
 
 def getDeviceCount():
@@ -222,7 +203,6 @@ class ndarray:
     size = property(lambda self: self._host.size)
     ndim = property(lambda self: self._host.ndim)
     nbytes = property(lambda self: self._host.nbytes)
-    itemsize = property(lambda self: self._host.itemsize)
     strides = property(lambda self: self._host.strides)
     flags = property(lambda self: self._host.flags)
     device = property(lambda self: Device(self._device))
@@ -255,12 +235,6 @@ class ndarray:
             raise NotImplementedError("reshape that copies")
         return self._view(view)
 
-    def ravel(self):
-        return self.reshape(-1) if self.flags.c_contiguous else self.copy().reshape(-1)
-
-    def view(self, dtype):
-        return self._view(self._host.view(dtype))
-
     def copy(self):
         out = empty(self.shape, self.dtype)
         out._host[...] = self._host
@@ -274,9 +248,6 @@ class ndarray:
     def fill(self, value):
         self._host.fill(value)
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
     # Arithmetic, among device arrays and scalars only (like CuPy, never with NumPy arrays)
     def _binary(self, other, op):
         return _wrap_new(op(self._host, _host_operand(other)))
@@ -285,21 +256,14 @@ class ndarray:
         op(self._host, _host_operand(other), out=self._host)
         return self
 
-    def __neg__(self):
-        return _wrap_new(-self._host)
-
 
 def _make_ops():
     for name, op in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
-                     ("truediv", np.true_divide), ("lt", np.less), ("le", np.less_equal),
-                     ("gt", np.greater), ("ge", np.greater_equal), ("eq", np.equal),
-                     ("ne", np.not_equal)]:
+                     ("truediv", np.true_divide)]:
         setattr(ndarray, f"__{name}__", lambda self, other, op=op: self._binary(other, op))
-        if name in ("add", "sub", "mul", "truediv"):
-            setattr(ndarray, f"__r{name}__",
-                    lambda self, other, op=op: _wrap_new(op(_host_operand(other), self._host)))
-            setattr(ndarray, f"__i{name}__",
-                    lambda self, other, op=op: self._inplace(other, op))
+        setattr(ndarray, f"__r{name}__",
+                lambda self, other, op=op: _wrap_new(op(_host_operand(other), self._host)))
+        setattr(ndarray, f"__i{name}__", lambda self, other, op=op: self._inplace(other, op))
 
 
 _make_ops()
@@ -357,9 +321,6 @@ def asarray(a, dtype=None):
     out = empty(host.shape, host.dtype if dtype is None else dtype)
     out._host[...] = host
     return out
-
-
-array = asarray
 
 
 def asnumpy(a):
@@ -551,14 +512,6 @@ class RawModule:
         return fn
 
 
-class RawKernel:
-    def __init__(self, code, name, options=(), **kwargs):
-        self._fn = RawModule(code=code, options=options, **kwargs).get_function(name)
-
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
-        self._fn(grid, block, args, shared_mem, stream)
-
-
 # ---------------------------------------------------------------------------------------------
 # The module tree as CuPy lays it out: cupy.cuda, cupy.cuda.runtime, cupy.cuda.driver
 
@@ -570,9 +523,8 @@ def _namespace(name, **attrs):
 
 runtime = _namespace("cupy.cuda.runtime", getDeviceCount=getDeviceCount,
                      getDeviceProperties=getDeviceProperties, driverGetVersion=driverGetVersion,
-                     runtimeGetVersion=driverGetVersion, CUDARuntimeError=CUDARuntimeError)
-driver = _namespace("cupy.cuda.driver", CUDADriverError=CUDADriverError,
-                    get_build_version=driverGetVersion)
+                     CUDARuntimeError=CUDARuntimeError)
+driver = _namespace("cupy.cuda.driver", CUDADriverError=CUDADriverError)
 compiler = _namespace("cupy.cuda.compiler", CompileException=build.CompileException)
 cuda = _namespace("cupy.cuda", Device=Device, Stream=Stream, get_current_stream=get_current_stream,
                   runtime=runtime, driver=driver, compiler=compiler, MemoryPointer=MemoryPointer,
