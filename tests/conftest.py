@@ -171,3 +171,14 @@ def cuda_target(request):
         mp.setattr(cuda, "_modules", {})
         mp.setattr(cuda, "_sm_counts", {})
         yield request.param, fake_cupy
+
+
+# The two implementations of every op, as the `use_native` argument of the functional forms
+# and blocks selects them: the MXNet operators (the CPU path) and the CustomOps (the GPU and
+# portable path, here on the CPU). Tests that take `impl` run once for each.
+IMPLS = {"native": True, "custom": False}
+
+
+@pytest.fixture(params=list(IMPLS))
+def impl(request):
+    return IMPLS[request.param]
