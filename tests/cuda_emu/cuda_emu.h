@@ -158,7 +158,7 @@ struct Site {
 struct Thread {
   Context ctx;
   uint3 idx;
-  int lane, warp;
+  int warp;
   State state;
   Site site;  // where it waits
   int op, width, arg;
@@ -189,9 +189,6 @@ struct Worker {
   uint3 block_idx;
   bool failed = false;
 
-  ~Worker() {
-    if (stacks) munmap(stacks, nstacks * (kStackSize + kGuard));
-  }
   bool reserve(size_t n) {  // stacks for n fibers, each above a guard page; kept across launches
     if (n <= nstacks) return true;
     if (stacks) munmap(stacks, nstacks * (kStackSize + kGuard));
@@ -271,7 +268,7 @@ inline void describe(const Thread& t, char* buf, size_t n) {
 // As in CUDA, lanes of the mask that have returned (or do not exist: a partial warp) are not
 // waited for; reading one is an error, since CUDA leaves the value undefined. Lanes of one mask
 // must agree on the operation, its width and its mask.
-inline int release_warp_ops(Worker& w, Thread* lanes, int nlanes) {
+inline int release_warp_ops(Thread* lanes, int nlanes) {
   unsigned live = 0, waiting = 0;
   for (int i = 0; i < nlanes; ++i) {
     if (lanes[i].state != kDone) live |= 1u << i;
@@ -350,7 +347,7 @@ inline bool run_warp(Worker& w, int wi, int nthreads) {
       if (lanes[i].state == kAtSync && at_sync < 0) at_sync = i;
     }
     if (at_warp == 0) return true;
-    const int freed = release_warp_ops(w, lanes, nlanes);
+    const int freed = release_warp_ops(lanes, nlanes);
     if (freed < 0) return false;
     if (freed == 0) {
       char a[256] = "", b[256] = "";
@@ -375,7 +372,6 @@ inline bool run_block(Worker& w, long long linear) {
   for (int i = 0; i < n; ++i) {
     Thread& t = w.threads[i];
     t.idx = {unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / (b.x * b.y))};
-    t.lane = i & 31;
     t.warp = i >> 5;
     t.state = kReady;
     make_context(t.ctx, w.stack(i), kStackSize, &fiber_main, &t);
