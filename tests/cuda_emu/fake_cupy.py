@@ -8,7 +8,7 @@ as NaN, and a kernel writing past either end of an allocation fails its launch.
 returns kernels launched like CuPy's: ``kernel(grid, block, args)``, arguments converted as CuPy
 converts them (arrays to pointers, None to a null pointer, Python int/float/bool to int64/
 float64/bool) and then, unlike cuLaunchKernel, checked against the size of each parameter.
-Launches are synchronous; streams and events exist only to be waited on.
+Launches are synchronous; streams exist only to be waited on.
 
 ``from_dlpack`` also takes CPU capsules (or objects with ``__dlpack__``): their host memory
 becomes an emulated device array without a copy, so that arrays of a CPU framework (MXNet
@@ -16,9 +16,9 @@ NDArrays through ``to_dlpack_for_write``) can be handed to the kernels.
 
 Knobs: ``config.schedule`` ("plain" or "reverse": warps, and blocks, in reverse order), default
 from FUSEDRES_CUDA_EMU_SCHEDULE; ``config.workers`` (OS threads per launch), default from
-FUSEDRES_CUDA_EMU_THREADS or the CPUs available; ``config.device_count`` and
-``config.sm_count`` (4 by default: small enough that grid-stride loops and split reductions run
-more than one round on the tests' shapes).
+FUSEDRES_CUDA_EMU_THREADS or the CPUs available; ``config.device_count`` (2, so that device
+checks can be tested) and ``config.sm_count`` (4: small enough that grid-stride loops and split
+reductions run more than one round on the tests' shapes).
 """
 import contextlib
 import ctypes
