@@ -1,4 +1,5 @@
 """Shared test configuration: the tolerance table, random inputs, and MXNet helpers."""
+import functools
 import os
 import sys
 import types
@@ -136,23 +137,26 @@ def conv_with_ones(fn, data, **kw):
 # blocks in reverse order, which exposes barriers that the plain order hides).
 # FUSEDRES_CUDA_EMU_SCHEDULE=plain|reverse runs the emulation in that schedule only;
 # FUSEDRES_CUDA_EMULATOR=0 refuses the emulation (make gpu-check: no GPU is an error).
-def _cuda_targets():
+@functools.lru_cache(maxsize=None)
+def cuda_targets():
     mode = os.environ.get("FUSEDRES_CUDA_EMULATOR")
     if mode != "1":
         from fusedres import cuda
         ok, why = cuda.available()
         if ok:
-            return ["gpu"]
+            return ("gpu",)
         if mode == "0":
             raise RuntimeError(f"FUSEDRES_CUDA_EMULATOR=0 but CuPy has no GPU: {why}")
     only = os.environ.get("FUSEDRES_CUDA_EMU_SCHEDULE")
-    return [f"emu-{s}" for s in ("plain", "reverse") if only in (None, s)]
+    return tuple(f"emu-{s}" for s in ("plain", "reverse") if only in (None, s))
 
 
-CUDA_TARGETS = _cuda_targets()
+def pytest_generate_tests(metafunc):
+    if "cuda_target" in metafunc.fixturenames:  # decided only where CUDA tests are collected
+        metafunc.parametrize("cuda_target", cuda_targets(), indirect=True, scope="module")
 
 
-@pytest.fixture(scope="module", params=CUDA_TARGETS)
+@pytest.fixture(scope="module")
 def cuda_target(request):
     """(name, cupy module) for each CUDA target: ("gpu", cupy) or ("emu-<schedule>", stand-in).
 

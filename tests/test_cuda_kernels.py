@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import CUDA_TARGETS
+from conftest import cuda_targets
 
 from fusedres import cuda, reference
 
@@ -329,7 +329,7 @@ def mutant_source(tmp_path_factory):
         text = (src / name).read_text()
         assert text.count(old) == 1, f"{mutation}: the original text is not once in {name}"
         (src / name).write_text(text.replace(old, new))
-    if "gpu" not in CUDA_TARGETS:
+    if "gpu" not in cuda_targets():
         from cuda_emu import build
 
         jobs = []
