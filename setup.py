@@ -20,10 +20,15 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
+        # The package's other built files (the MXNet operator library, cubins, CUDA sources):
+        # an editable install imports them from the source tree, where setuptools copies only
+        # the extension itself.
+        data_dir = ROOT / "fusedres" if (self.inplace or self.editable_mode) else out_dir
         subprocess.run(
             ["cmake", "-S", str(ROOT), "-B", str(build_dir),
              f"-DPython_EXECUTABLE={sys.executable}",
-             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}"],
+             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+             f"-DFUSEDRES_PACKAGE_DATA_DIR={data_dir}"],
             check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel",
                         str(os.cpu_count() or 1)], check=True)
