@@ -709,6 +709,12 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
     const reg muv = V::set1(mean[co]), scv = V::set1(scale);
     const reg k0 = V::set1(static_cast<T>(double(scale) * mg));
     const reg nk1 = V::set1(static_cast<T>(-double(scale) * double(is) * mgx));
+    // With running statistics the batch terms vanish; they are left out rather than
+    // multiplied by 0, which an infinite z would turn into NaN.
+    auto dz_of = [&](reg g, reg zv) {
+      return batch_stats ? V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)))
+                         : V::mul(scv, g);
+    };
     const T* zr = z + row * Lo;
     const T* gr = dy + row * Lo;
     T* dr = dz + row * Lo;
@@ -720,7 +726,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
       for (; l + W <= l1; l += W) {
         const reg zv = V::load(zr + l);
         const reg g = ch.grad(zv, V::load(gr + l));
-        const reg d = V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)));
+        const reg d = dz_of(g, zv);
         V::store(dr + l, d);
         s1 = V::add(s1, d);
       }
@@ -728,7 +734,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
         const auto m = V::range(0, int(l1 - l));
         const reg zv = V::loadm(zr + l, m);
         const reg g = ch.grad(zv, V::loadm(gr + l, m));
-        const reg d = V::maskz(m, V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0))));
+        const reg d = V::maskz(m, dz_of(g, zv));
         V::storem(dr + l, d, m);
         s1 = V::add(s1, d);
       }

@@ -1,12 +1,15 @@
 import numpy as np
 
+from .conv1d_bn_relu import relu_grad, relu_value
+
 
 def add_relu_forward(a, b):
-    """y = max(a + b, 0)."""
-    return np.maximum(a + b, 0)
+    """y = relu(a + b), NaN kept as MXNet's relu keeps it."""
+    return relu_value(a + b)
 
 
 def add_relu_backward(dy, y):
-    """Gradients of add_relu w.r.t. both inputs (they are equal): dy where y > 0."""
-    g = np.where(y > 0, dy, 0).astype(dy.dtype)
+    """Gradients of add_relu w.r.t. both inputs (they are equal): dy * relu'(y)."""
+    with np.errstate(invalid="ignore"):
+        g = (dy * relu_grad(y)).astype(dy.dtype)
     return g, g.copy()

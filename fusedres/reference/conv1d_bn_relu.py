@@ -1,6 +1,18 @@
 import numpy as np
 
 
+def relu_value(x):
+    """MXNet's relu: max(x, 0) with NaN kept (np.maximum propagates NaN)."""
+    return np.maximum(x, 0)
+
+
+def relu_grad(pre):
+    """MXNet's relu derivative at pre: 1 where pre > 0, 0 where pre <= 0, NaN where pre is
+    NaN; a gradient is dy * relu_grad(pre), so a NaN or infinite dy is kept too (0 * inf)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(pre > 0, 1.0, np.where(np.isnan(pre), np.nan, 0.0))
+
+
 def conv1d_out_width(width, kernel, stride=1, pad=0, dilation=1):
     return (width + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -74,7 +86,7 @@ def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, s
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = (z - mean[None, :, None]) * invstd[None, :, None]
     pre = gamma[None, :, None] * xhat + beta[None, :, None]
-    y = (np.maximum(pre, 0) if relu else pre).astype(x.dtype)
+    y = (relu_value(pre) if relu else pre).astype(x.dtype)
     cache = dict(x=x, w=w, has_bias=bias is not None, gamma=gamma, xhat=xhat, invstd=invstd,
                  pre=pre, relu=relu, batch_stats=batch_stats, stride=stride, pad=pad, dilation=dilation,
                  groups=groups)
@@ -84,7 +96,8 @@ def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, s
 def conv1d_bn_relu_backward(dy, cache):
     """Gradients w.r.t. data, weight, bias (None without bias), gamma and beta, as a dict."""
     c = cache
-    g = np.where(c["pre"] > 0, dy, 0) if c["relu"] else dy
+    with np.errstate(invalid="ignore"):
+        g = dy * relu_grad(c["pre"]) if c["relu"] else dy
     xhat, invstd, gamma = c["xhat"], c["invstd"], c["gamma"]
     dbeta = g.sum(axis=(0, 2))
     dgamma = (g * xhat).sum(axis=(0, 2))
