@@ -1,11 +1,11 @@
-"""Per-call cost of the native (mx.library) ops against the CustomOps and stock MXNet.
+"""Per-call cost of the MXNet operators against the CustomOps and stock MXNet.
 
     .venv/bin/python bench/native_overhead.py [--rounds 15] [--calls 20] [--shapes tiny,ref]
 
 For each shape, times one forward (inference mode) and one forward+backward (training mode,
 autograd) per call, for:
-  native   fusedres.ops.native (_fusedres_conv1d_bn_relu / _fusedres_add_relu)
-  custom   fusedres.ops (Python CustomOps)
+  native   the MXNet operators (_fusedres_conv1d_bn_relu / _fusedres_add_relu, use_native=True)
+  custom   the Python CustomOps (use_native=False)
   stock    MXNet: Convolution + BatchNorm + relu; training runs the conv as a (1, k) 2-D conv
            on (N, C, 1, W) (the 1-D route crashes in backward with MKLDNN, see FACTS.md),
            inference uses the 1-D Convolution; add+relu is relu(a + b).
@@ -41,11 +41,12 @@ def _conv_inputs(shape):
     return d
 
 
-def _fused(mod):
+def _fused(use_native):
     def f(d):
-        return mod.conv1d_bn_relu(d["data"], d["weight"], d["bias"], d["gamma"], d["beta"],
-                                  d["running_mean"], d["running_var"], kernel=K,
-                                  num_filter=d["weight"].shape[0], pad=PAD)
+        return fusedres.conv1d_bn_relu(d["data"], d["weight"], d["bias"], d["gamma"],
+                                       d["beta"], d["running_mean"], d["running_var"], kernel=K,
+                                       num_filter=d["weight"].shape[0], pad=PAD,
+                                       use_native=use_native)
     return f
 
 
@@ -82,13 +83,13 @@ def _variants(shape):
     head = mx.nd.ones((shape[0], shape[1], shape[2]))
     out = {}
     for name, fwd_train, fwd_infer in [
-            ("native", _fused(native), _fused(native)),
-            ("custom", _fused(fusedres.ops), _fused(fusedres.ops)),
+            ("native", _fused(True), _fused(True)),
+            ("custom", _fused(False), _fused(False)),
             ("stock", _stock_train, _stock_infer)]:
         out[("conv_bn_relu", "fwd", name)] = (lambda f=fwd_infer: f(conv))
         out[("conv_bn_relu", "fwd+bwd", name)] = (lambda f=fwd_train: _train(f, conv, head))
-    for name, f in [("native", lambda d: native.add_relu(d["a"], d["b"])),
-                    ("custom", lambda d: fusedres.ops.add_relu(d["a"], d["b"])),
+    for name, f in [("native", lambda d: fusedres.add_relu(d["a"], d["b"], use_native=True)),
+                    ("custom", lambda d: fusedres.add_relu(d["a"], d["b"], use_native=False)),
                     ("stock", lambda d: mx.nd.relu(d["a"] + d["b"]))]:
         out[("add_relu", "fwd", name)] = (lambda f=f: f(add))
         out[("add_relu", "fwd+bwd", name)] = (lambda f=f: _train(f, add, head))
@@ -119,7 +120,7 @@ def main():
     args = ap.parse_args()
     ok, why = native.available()
     if not ok:
-        raise SystemExit(f"native ops unavailable: {why}")
+        raise SystemExit(f"the MXNet operators are unavailable: {why}")
     print(f"MXNet {mx.__version__}, rounds={args.rounds}, median per-call ms")
     for key in args.shapes.split(","):
         shape = SHAPES[key]

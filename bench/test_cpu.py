@@ -55,6 +55,18 @@ def test_conv1d_bn_relu(benchmark, results, shape, mode):
                 "training step" if mode == "train" else "inference", med, flop, "GFLOP/s")
 
 
+@pytest.mark.parametrize("configuration", list(benchmarks.CONFIGURATIONS))
+def test_tiny_training_step_configurations(benchmark, results, configuration):
+    """The per-call cost where it dominates (the tiny shape), in the configurations that once
+    sent the fused blocks to the CustomOps: static_alloc and grad_req='add'."""
+    shape = next(s for s in benchmarks.SHAPES if s.name == "tiny")
+    benchmark.group = f"conv1d_bn_relu tiny {configuration}"
+    med = _interleaved(benchmark, benchmarks.configuration_contenders(shape, configuration),
+                       rounds=200)
+    results.add(f"{shape.name} {(shape.n, shape.c, shape.width)} k{shape.kernel}",
+                f"training step, {configuration}", med, shape.conv_gflop * 3e9, "GFLOP/s")
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 def test_add_relu(benchmark, results, backward):
     benchmark.group = f"add_relu {'fwd+bwd' if backward else 'fwd'}"

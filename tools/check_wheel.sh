@@ -2,7 +2,7 @@
 # `make wheel-check`: installs dist/fusedres-*.whl into a fresh venv (with its `cpu` and `test`
 # extras, from PyPI) and checks it there, away from the source tree:
 #   1. tools/wheel_smoke.py: imports resolve to site-packages, cubins and CUDA sources are
-#      shipped, OpenMP coexists with MXNet's, the native op library loads;
+#      shipped, OpenMP coexists with MXNet's, the MXNet operators load and train;
 #   2. `python -m fusedres tiny`: the environment report, correctness, one timing row;
 #   3. the test suite, against the installed wheel: the checkout minus fusedres/ is copied into a
 #      scratch root whose fusedres/ holds only symlinks into the installed package (no

@@ -7,7 +7,7 @@
    multithreaded, results right; fusedres' omp_* / __kmpc_* calls bind to the vendored runtime
    even when libgomp is in the global symbol scope (LD_PRELOAD, as some launchers do); another
    libiomp5.so loaded first (FUSEDRES_FOREIGN_IOMP5) is shared rather than doubled;
-4. the optional native op library libfusedres_mxop.so, when the wheel has it, loads into MXNet.
+4. the MXNet operator library libfusedres_mxop.so loads into MXNet and trains a step.
 
     python wheel_smoke.py ARCH [ARCH ...]      (the archs the wheel was built for)
 """
@@ -76,16 +76,20 @@ OPENMP_RUN = textwrap.dedent("""
     arrs = [mx.nd.array(a, dtype="float64") for a in [x, w] + vec]
     for a in arrs[:2]:
         a.attach_grad()
-    # Stock MXNet (libgomp) and fused (libiomp5) ops interleaved, several times.
+    # Stock MXNet (libgomp) and fused (libiomp5) ops interleaved, several times, in both
+    # implementations (the MXNet operators' library and fusedres._C).
+    err = gerr = 0.0
     for _ in range(3):
-        stock = mx.nd.Convolution(arrs[0], arrs[1], arrs[2], kernel=(3,), pad=(1,),
-                                  num_filter=64).asnumpy()
-        with mx.autograd.record():
-            y = fusedres.conv1d_bn_relu(*arrs, kernel=3, num_filter=64, pad=1)
-        y.backward(mx.nd.array(dy, dtype="float64"))
-    err = np.abs(y.asnumpy() - want).max() / np.abs(want).max()
-    gerr = max(np.abs(arrs[i].grad.asnumpy() - gref[n]).max() / np.abs(gref[n]).max()
-               for i, n in ((0, "data"), (1, "weight")))
+        for use_native in (True, False):
+            stock = mx.nd.Convolution(arrs[0], arrs[1], arrs[2], kernel=(3,), pad=(1,),
+                                      num_filter=64).asnumpy()
+            with mx.autograd.record():
+                y = fusedres.conv1d_bn_relu(*arrs, kernel=3, num_filter=64, pad=1,
+                                            use_native=use_native)
+            y.backward(mx.nd.array(dy, dtype="float64"))
+            err = max(err, np.abs(y.asnumpy() - want).max() / np.abs(want).max())
+            gerr = max(gerr, *(np.abs(arrs[i].grad.asnumpy() - gref[n]).max()
+                               / np.abs(gref[n]).max() for i, n in ((0, "data"), (1, "weight"))))
     maps = open("/proc/self/maps").read()
     libs = sorted({os.path.basename(l.split()[-1]) for l in maps.splitlines()
                    if re.match(r"lib(g|i)?omp", os.path.basename(l.split()[-1]))})
@@ -116,15 +120,17 @@ def openmp():
     env.update(LD_PRELOAD=gomp, LD_DEBUG="bindings")  # the dynamic linker logs to stderr
     proc = subprocess.run([sys.executable, "-c", OPENMP_RUN], env=env, capture_output=True,
                           text=True, timeout=600)
-    binds = [l for l in proc.stderr.splitlines() if "binding file" in l
-             and "/_C.cpython" in l.split(" to ")[0] and re.search(r"`(omp_|__kmpc_)", l)]
     print(proc.stdout.rstrip())
-    wrong = [l.split(" to ")[1].strip() for l in binds if "libiomp5" not in l.split(" to ")[1]]
-    check(proc.returncode == 0 and binds and not wrong,
-          f"with LD_PRELOAD=libgomp, fusedres._C's {len(binds)} OpenMP symbols all bind to "
-          "its libiomp5" + (f"; wrong: {wrong[:3]}" if wrong else "" if binds else
-                            "; no binding seen")
-          + ("" if proc.returncode == 0 else "\n" + proc.stdout[-2000:]))
+    for lib in ("/_C.cpython", "/libfusedres_mxop.so"):
+        binds = [l for l in proc.stderr.splitlines() if "binding file" in l
+                 and lib in l.split(" to ")[0] and re.search(r"`(omp_|__kmpc_)", l)]
+        wrong = [l.split(" to ")[1].strip() for l in binds
+                 if "libiomp5" not in l.split(" to ")[1]]
+        check(proc.returncode == 0 and binds and not wrong,
+              f"with LD_PRELOAD=libgomp, {lib[1:]}'s {len(binds)} OpenMP symbols all bind to "
+              "its libiomp5" + (f"; wrong: {wrong[:3]}" if wrong else "" if binds else
+                                "; no binding seen")
+              + ("" if proc.returncode == 0 else "\n" + proc.stdout[-2000:]))
 
 
 def foreign_iomp5(path):
@@ -143,14 +149,21 @@ def foreign_iomp5(path):
 
 
 def native_library():
-    import fusedres
-    lib = os.path.join(os.path.dirname(fusedres.__file__), "libfusedres_mxop.so")
-    if not os.path.exists(lib):
-        print("  skip  the wheel has no libfusedres_mxop.so")
-        return
-    proc = subprocess.run([sys.executable, "-c", f"import mxnet as mx; mx.library.load({lib!r})"],
-                          capture_output=True, text=True, timeout=300)
-    check(proc.returncode == 0, "mx.library.load(libfusedres_mxop.so)"
+    """The MXNet operators load from the wheel into PyPI's libmxnet and train a step."""
+    code = (
+        "import mxnet as mx, fusedres\n"
+        "from fusedres.ops import native\n"
+        "ok, why = native.available()\n"
+        "assert ok, why\n"
+        "assert why.startswith(__import__('os').path.dirname(fusedres.__file__)), why\n"
+        "b = fusedres.nn.ConvBNReLU1D(8, 3, padding=1, in_channels=4, use_native=True)\n"
+        "b.initialize(); x = mx.nd.ones((2, 4, 9)); x.attach_grad()\n"
+        "with mx.autograd.record(): y = b(x)\n"
+        "y.backward(); mx.nd.waitall(); print('loaded', why)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    print(proc.stdout.rstrip())
+    check(proc.returncode == 0, "the MXNet operators (libfusedres_mxop.so) load and train"
           + ("" if proc.returncode == 0 else "\n" + proc.stderr[-3000:]))
 
 
@@ -162,7 +175,7 @@ def main(archs):
     print("OpenMP beside MXNet:")
     openmp()
     foreign_iomp5(os.environ.get("FUSEDRES_FOREIGN_IOMP5"))
-    print("native op library:")
+    print("MXNet operators:")
     native_library()
     print("wheel_smoke: all checks passed")
 

@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <new>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -29,4 +30,11 @@ __attribute__((visibility("hidden"), noreturn)) void __throw_out_of_range_fmt(co
 extern "C" __attribute__((visibility("hidden"))) void _ZNSsC1ERKSsmRKSaIcE(
     std::string* self, const std::string& str, std::size_t pos, const std::allocator<char>&) {
   new (self) std::string(str, pos, std::string::npos);
+}
+
+// GLIBCXX_3.4.26: ostringstream's default constructor (GCC 4.8 has only the one taking an
+// openmode, defaulted), called by dmlc's logging headers where clang does not inline it.
+extern "C" __attribute__((visibility("hidden"))) void
+_ZNSt19basic_ostringstreamIcSt11char_traitsIcESaIcEEC1Ev(std::ostringstream* self) {
+  new (self) std::ostringstream(std::ios_base::out);
 }
