@@ -9,6 +9,15 @@ checks (ValueError/TypeError naming the argument), outputs written in place. Dat
 or float16; the per-channel batchnorm arrays (gamma, beta, running and saved statistics) have
 the data's dtype or float32, as Gluon keeps them under ``cast('float16')``.
 
+Numbers: NaN and infinities propagate as MXNet's relu and BatchNorm and the numpy reference
+give them (relu(NaN) = NaN, gradient dy * relu'(pre) with relu'(NaN) = NaN, BatchNorm computed
+as (z - mean) * gamma * invstd + beta, inference included: nothing is folded).
+
+Limits: every hyper-parameter, dimension and tensor size the ops accept (up to 2**31 - 1,
+fusedres.ops.attrs.MAX_EXTENT), except that the conv kernels take tensors of at most
+2**31 - 2**16 elements, at most 65535 groups and 65535 * 64 channels per group: beyond, a
+ValueError names the argument.
+
 Streams: every kernel is launched on CuPy's current stream and nothing here synchronizes.
 MXNet 1.9.1 has no stream handshake (DLPack without ``__dlpack__``), so code handing MXNet
 arrays to these functions must run them inside ``mxnet_scope(ctx)``, which selects the
@@ -46,8 +55,12 @@ KERNELS = {
 _TILE = 64           # output tile of the conv kernels (BM = BN in conv1d_bn_relu.cu)
 _BK = 16             # depth of one shared-memory slice
 _THREADS = 256       # threads per block of every kernel launched here
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = 2**31 - 1   # the ops' MAX_EXTENT: any hyper-parameter, dimension or tensor size
+# The conv kernels index with int32 and let a tile's threads compute indices past a tensor's
+# end, so each conv tensor stays 2^16 elements below that (csrc/cuda/conv1d_bn_relu.cu).
+_CONV_MAX_ELEMENTS = 2**31 - 2**16
 _GRID_YZ_MAX = 65535
+_MAX_ROWS = _GRID_YZ_MAX * _TILE  # channels per group: their tiles go on the grid's y axis
 
 
 def available():
@@ -169,7 +182,7 @@ def _shape_str(shape):
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _check(a, name):
+def _check(a, name, max_elements=_INT32_MAX):
     """a must be a C-contiguous float32/float16 CuPy array on the current device."""
     cp = _cupy()
     if not isinstance(a, cp.ndarray):
@@ -181,13 +194,22 @@ def _check(a, name):
     dev = cp.cuda.Device().id
     if a.device.id != dev:
         raise ValueError(f"{name} is on GPU {a.device.id} but the current device is GPU {dev}")
-    if a.size > _INT32_MAX:
-        raise ValueError(f"{name} has {a.size} elements; the CUDA kernels index with int32")
+    if a.size > max_elements:
+        raise ValueError(f"{name} has {a.size} elements; the CUDA kernels take at most "
+                         f"{max_elements}")
     return a
 
 
-def _check_opt(a, name):
-    return None if a is None else _check(a, name)
+def _check_opt(a, name, max_elements=_INT32_MAX):
+    return None if a is None else _check(a, name, max_elements)
+
+
+def _conv_check(a, name):
+    return _check(a, name, _CONV_MAX_ELEMENTS)
+
+
+def _conv_check_opt(a, name):
+    return _check_opt(a, name, _CONV_MAX_ELEMENTS)
 
 
 def _same_dtype(dtype, args, ref_name):
@@ -216,6 +238,9 @@ class _ConvShape:
         _require(dilation >= 1, f"dilation must be >= 1, got {dilation}")
         _require(pad >= 0, f"pad must be >= 0, got {pad}")
         _require(groups >= 1, f"groups must be >= 1, got {groups}")
+        for value, name in ((stride, "stride"), (pad, "pad"), (dilation, "dilation"),
+                            (groups, "groups")):
+            _require(value <= _INT32_MAX, f"{name} must be <= {_INT32_MAX}, got {value}")
         self.N, self.Cin, self.L = x.shape
         self.Cout, _, self.K = w.shape
         self.stride, self.pad, self.dilation, self.groups = stride, pad, dilation, groups
@@ -236,9 +261,17 @@ class _ConvShape:
         _require(groups <= _GRID_YZ_MAX, f"groups must be <= {_GRID_YZ_MAX}, got {groups}")
         self.Lout = (self.L + 2 * pad - extent) // stride + 1
         self.cin_g, self.cout_g = self.Cin // groups, self.Cout // groups
+        _require(self.cout_g <= _MAX_ROWS, f"weight's out_channels per group ({self.cout_g}) "
+                                           f"must be <= {_MAX_ROWS} for the CUDA kernels")
+        _require(self.cin_g <= _MAX_ROWS, f"data's channels per group ({self.cin_g}) must be "
+                                          f"<= {_MAX_ROWS} for the CUDA kernels")
         self.M = self.N * self.Lout
-        _require(self.N * self.Cout * self.Lout <= _INT32_MAX and self.L + 2 * pad <= _INT32_MAX,
-                 "output has too many elements for the CUDA kernels' int32 indexing")
+        out = self.N * self.Cout * self.Lout
+        # Input positions reach L + pad - 1 < 2^32 (both at most 2^31 - 1): the kernels compute
+        # them modulo 2^32, which needs nothing more.
+        _require(out <= _CONV_MAX_ELEMENTS,
+                 f"pad ({pad}) and stride ({stride}) give an output of {self.N} x {self.Cout} x "
+                 f"{self.Lout} elements; the CUDA kernels take at most {_CONV_MAX_ELEMENTS}")
 
     @property
     def out(self):
@@ -282,13 +315,13 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
     normalizes with the running statistics and leaves them alone.
     """
     cp = _cupy()
-    x, w = _check(data, "data"), _check(weight, "weight")
-    bias = _check_opt(bias, "bias")
-    chans = [(_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
+    x, w = _conv_check(data, "data"), _conv_check(weight, "weight")
+    bias = _conv_check_opt(bias, "bias")
+    chans = [(_conv_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
                                             (running_mean, "running_mean"),
                                             (running_var, "running_var"), (mean, "saved mean"),
                                             (invstd, "saved invstd"))]
-    z, out = _check(z, "saved conv output"), _check(out, "output")
+    z, out = _conv_check(z, "saved conv output"), _conv_check(out, "output")
     _same_dtype(x.dtype, [(w, "weight"), (bias, "bias"), (z, "saved conv output"),
                           (out, "output")], "data")
     pdt = _param_dtype(x, gamma)
@@ -324,13 +357,14 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
 
 def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, running_var, out,
                                  stride, pad, dilation, groups, eps, relu=True):
-    """Conv1d+BN+ReLU inference with BN folded into the conv epilogue."""
-    x, w = _check(data, "data"), _check(weight, "weight")
-    bias = _check_opt(bias, "bias")
-    chans = [(_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
+    """Conv1d+BN+ReLU inference in one pass: BN applied in the conv epilogue, in BatchNorm's
+    order with the running statistics."""
+    x, w = _conv_check(data, "data"), _conv_check(weight, "weight")
+    bias = _conv_check_opt(bias, "bias")
+    chans = [(_conv_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
                                             (running_mean, "running_mean"),
                                             (running_var, "running_var"))]
-    out = _check(out, "output")
+    out = _conv_check(out, "output")
     _same_dtype(x.dtype, [(w, "weight"), (bias, "bias"), (out, "output")], "data")
     pdt = _param_dtype(x, gamma)
     _same_dtype(pdt, chans[1:], "gamma")
@@ -354,13 +388,16 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
     the mean and variance.
     """
     cp = _cupy()
-    dy, x, w = _check(out_grad, "out_grad"), _check(data, "data"), _check(weight, "weight")
-    z = _check(z, "saved conv output")
-    chans = [(_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
+    dy, x = _conv_check(out_grad, "out_grad"), _conv_check(data, "data")
+    w = _conv_check(weight, "weight")
+    z = _conv_check(z, "saved conv output")
+    chans = [(_conv_check(a, n), n) for a, n in ((gamma, "gamma"), (beta, "beta"),
                                             (mean, "saved mean"), (invstd, "saved invstd"))]
-    dx, dw = _check_opt(data_grad, "data_grad"), _check_opt(weight_grad, "weight_grad")
-    dbias = _check_opt(bias_grad, "bias_grad")
-    dgamma, dbeta = _check_opt(gamma_grad, "gamma_grad"), _check_opt(beta_grad, "beta_grad")
+    dx = _conv_check_opt(data_grad, "data_grad")
+    dw = _conv_check_opt(weight_grad, "weight_grad")
+    dbias = _conv_check_opt(bias_grad, "bias_grad")
+    dgamma = _conv_check_opt(gamma_grad, "gamma_grad")
+    dbeta = _conv_check_opt(beta_grad, "beta_grad")
     _same_dtype(x.dtype, [(dy, "out_grad"), (w, "weight"), (z, "saved conv output"),
                           (dx, "data_grad"), (dw, "weight_grad"), (dbias, "bias_grad")], "data")
     pdt = _param_dtype(x, gamma)
@@ -383,15 +420,15 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
             (dy, z, gamma, beta, mean, invstd) + dims + (np.int32(bool(relu)), ws_g, ws_gx))
     coef = cp.empty((2 * C,), np.float32)
     _launch("conv1d_bn_relu", f"bn_bwd_finalize_{psuf}", (_cdiv(C, 128),), (128,),
-            (ws_g, ws_gx, np.int32(nsplit), np.int32(C), np.int32(M),
-             np.int32(bool(batch_stats)), _ptr(dgamma), _ptr(dbeta), coef))
+            (ws_g, ws_gx, np.int32(nsplit), np.int32(C), np.int32(M), _ptr(dgamma),
+             _ptr(dbeta), coef))
     if dx is None and dw is None and dbias is None:
         return
     dz = cp.empty(s.out, np.float32)
     ws_dz = cp.empty((nsplit, C), np.float32) if dbias is not None else None
     _launch("conv1d_bn_relu", f"bn_bwd_dz_{msuf}", (C, nsplit), (_THREADS,),
-            (dy, z, gamma, beta, mean, invstd, coef) + dims + (np.int32(bool(relu)), dz,
-                                                               _ptr(ws_dz)))
+            (dy, z, gamma, beta, mean, invstd, coef) + dims
+            + (np.int32(bool(relu)), np.int32(bool(batch_stats)), dz, _ptr(ws_dz)))
     if dbias is not None:
         _sum_splits(dsuf, ws_dz, nsplit, C, dbias)
     if dx is not None:

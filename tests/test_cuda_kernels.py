@@ -43,6 +43,7 @@ EPS, MOMENTUM = 1e-5, 0.9
 
 
 def assert_close(got, ref, dtype, name):
+    """got: a device array (or host values) within the dtype's tolerance of the reference."""
     got = cp.asnumpy(got).astype(np.float64)
     ref = np.asarray(ref, np.float64)
     atol, rtol = TOL[dtype]
@@ -52,7 +53,9 @@ def assert_close(got, ref, dtype, name):
 
 
 def make_inputs(case, dtypes, seed=0):
-    n, cin, cout, width, k, stride, pad, dil, groups, has_bias = CASES[case]
+    """Inputs of a case of CASES (a name) or of one (N, Cin, Cout, L, K, stride, pad, dilation,
+    groups, bias) tuple."""
+    n, cin, cout, width, k, stride, pad, dil, groups, has_bias = CASES.get(case, case)
     dt, pt = DTYPES[dtypes]
     rng = np.random.default_rng(seed)
     host = dict(
@@ -144,28 +147,26 @@ def test_forward_infer(case, dtypes, relu):
     assert_close(y, y_ref, dt, "out")
 
 
-@pytest.mark.parametrize("dtypes", DTYPES)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("batch_stats", [True, False])
-@pytest.mark.parametrize("relu", [True, False])
-def test_backward(case, dtypes, batch_stats, relu):
-    host, conv, dt, pt = make_inputs(case, dtypes)
-    d = run_forward_train(host, conv, dt, pt, batch_stats, relu)
-    rng = np.random.default_rng(1)
-    dy = rng.standard_normal(d["z"].shape).astype(dt)
-    _, cache, _, _ = reference.conv1d_bn_relu_forward(
-        f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]), f64(host["beta"]),
-        f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM, training=True,
-        use_global_stats=not batch_stats, relu=relu, **conv)
-    # The relu mask is the one the kernel recomputes from what forward saved; deriving it from
-    # the float64 forward instead would flip elements sitting at the kink in float16.
-    z, mean, invstd = (f64(cp.asnumpy(d[k])) for k in ("z", "mean", "invstd"))
-    cache["xhat"] = (z - mean[None, :, None]) * invstd[None, :, None]
-    cache["invstd"] = invstd
-    cache["pre"] = (f64(host["gamma"])[None, :, None] * cache["xhat"]
-                    + f64(host["beta"])[None, :, None])
-    ref = reference.conv1d_bn_relu_backward(f64(dy), cache)
+def reference_backward(host, conv, d, dy, batch_stats, relu=True):
+    """The float64 reference gradients for what run_forward_train saved in d."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, cache, _, _ = reference.conv1d_bn_relu_forward(
+            f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
+            f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM,
+            training=True, use_global_stats=not batch_stats, relu=relu, **conv)
+        # The relu mask is the one the kernel recomputes from what forward saved; deriving it
+        # from the float64 forward instead would flip elements sitting at the kink in float16.
+        z, mean, invstd = (f64(cp.asnumpy(d[k])) for k in ("z", "mean", "invstd"))
+        cache["xhat"] = (z - mean[None, :, None]) * invstd[None, :, None]
+        cache["invstd"] = invstd
+        cache["pre"] = (f64(host["gamma"])[None, :, None] * cache["xhat"]
+                        + f64(host["beta"])[None, :, None])
+        return reference.conv1d_bn_relu_backward(f64(dy), cache)
 
+
+def run_backward(host, conv, d, dy, batch_stats, relu=True):
+    """The kernels' gradients (a dict named as the reference's) for what forward saved in d."""
+    dt, pt = host["x"].dtype, host["gamma"].dtype
     cout = host["w"].shape[0]
     grads = dict(data=cp.empty(host["x"].shape, dt), weight=cp.empty(host["w"].shape, dt),
                  bias=cp.empty(cout, dt) if host["bias"] is not None else None,
@@ -174,9 +175,20 @@ def test_backward(case, dtypes, batch_stats, relu):
         cp.asarray(dy), d["x"], d["w"], d["z"], d["gamma"], d["beta"], d["mean"], d["invstd"],
         grads["data"], grads["weight"], grads["bias"], grads["gamma"], grads["beta"],
         conv["stride"], conv["pad"], conv["dilation"], conv["groups"], batch_stats, relu=relu)
-    for name, got in grads.items():
-        if got is not None:
-            assert_close(got, ref[name], dt, f"{name}_grad")
+    return {k: g for k, g in grads.items() if g is not None}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_backward(case, dtypes, batch_stats, relu):
+    host, conv, dt, pt = make_inputs(case, dtypes)
+    d = run_forward_train(host, conv, dt, pt, batch_stats, relu)
+    dy = np.random.default_rng(1).standard_normal(d["z"].shape).astype(dt)
+    ref = reference_backward(host, conv, d, dy, batch_stats, relu)
+    for name, got in run_backward(host, conv, d, dy, batch_stats, relu).items():
+        assert_close(got, ref[name], dt, f"{name}_grad")
 
 
 @pytest.mark.parametrize("wanted", [("data",), ("weight",), ("gamma", "beta"), ("bias",)])
@@ -211,17 +223,22 @@ def test_deterministic():
         np.testing.assert_array_equal(a, b)
 
 
+def offset_buf(host, offset):
+    """host on the device, as a contiguous view starting `offset` elements into its allocation
+    (1: not 16-byte aligned, the elementwise kernels' scalar path)."""
+    d = cp.empty(host.size + offset, host.dtype)
+    d[offset:] = cp.asarray(host.ravel())
+    return d[offset:].reshape(host.shape)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("shape", [(2, 7, 97), (3, 64, 1025), (5,)])
-@pytest.mark.parametrize("offset", [0, 1])  # 1: not 16-byte aligned, the scalar path
+@pytest.mark.parametrize("offset", [0, 1])
 def test_add_relu(shape, dtype, offset):
     rng = np.random.default_rng(4)
-    size = int(np.prod(shape))
 
-    def buf(host):  # a contiguous view starting `offset` elements into its allocation
-        d = cp.empty(size + offset, dtype)
-        d[offset:] = cp.asarray(host.ravel())
-        return d[offset:].reshape(shape)
+    def buf(host):
+        return offset_buf(host, offset)
 
     a, b, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
     y = buf(np.zeros(shape, dtype))
@@ -292,6 +309,208 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
                        (dict(update=True), "argument 12 is a Python bool")]:
         with pytest.raises(TypeError, match=match):
             cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args(**bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers in, numbers out: NaN and infinities propagate as IEEE arithmetic and the numpy
+# reference say (the cases of tests/test_numerics.py, which holds the CPU implementations to
+# the same): relu(NaN) = NaN, relu' = NaN at NaN, BatchNorm's own order of operations.
+
+# (N, Cin, Cout, L, K, stride, pad, dilation, groups, bias), as tests/test_numerics.py's.
+NUMERICS_CASE = (2, 3, 4, 13, 3, 1, 1, 1, 1, True)
+
+
+def assert_same_numbers(got, want, dtype, what):
+    """Same NaN, +inf and -inf positions, and finite values within the dtype's tolerance."""
+    got, want = cp.asnumpy(got).astype(np.float64), np.asarray(want, np.float64)
+    for kind, where in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        np.testing.assert_array_equal(where(got), where(want), err_msg=f"{what}: {kind}")
+    finite = np.isfinite(want)
+    if finite.any():
+        assert_close(got[finite], want[finite], dtype, f"{what}: finite values")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_add_relu_keeps_nan_and_inf(dtype, offset):
+    """Forward relu(NaN) = NaN; backward dy * relu'(y): NaN where y is NaN, and where the relu
+    is closed but dy is NaN or infinite (dy * 0). 17 values: vectors and a scalar tail."""
+    inf, nan = np.inf, np.nan
+    a = np.array([nan, -1, 2, inf, -inf, .5, -2, 3, inf, -1, 1, 0, 0, -inf, 2, 1, 1.5], dtype)
+    b = np.array([0, .5, nan, -inf, 1, -1, 1, nan, 1, -1, 1, 0, -0., 1, inf, -inf, 0], dtype)
+    dy = np.array([1, 1, 1, 1, 1, nan, inf, 1, -inf, nan, nan, inf, 1, 1, 1, 1, -inf], dtype)
+    y = offset_buf(np.zeros_like(a), offset)
+    with np.errstate(invalid="ignore"):
+        y_ref = reference.add_relu_forward(f64(a), f64(b))
+        cuda.add_relu_forward(offset_buf(a, offset), offset_buf(b, offset), y)
+        assert_same_numbers(y, y_ref, dtype, "add_relu forward")
+        g_ref, _ = reference.add_relu_backward(f64(dy), y_ref)
+    da, db = offset_buf(np.zeros_like(a), offset), offset_buf(np.zeros_like(a), offset)
+    cuda.add_relu_backward(offset_buf(dy, offset), y, da, db)
+    assert_same_numbers(da, g_ref, dtype, "lhs gradient")
+    assert_same_numbers(db, g_ref, dtype, "rhs gradient")
+    got = cp.asnumpy(da)
+    assert np.isnan(cp.asnumpy(y)[[0, 2, 3]]).all() and np.isnan(got[[0, 5, 6, 9, 11]]).all()
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_nonfinite_gamma_in_inference_is_not_folded_away(value, dtypes):
+    """gamma = +-inf or NaN in one channel: BatchNorm computes (z - mean) * gamma * invstd +
+    beta, which is +inf, -inf (0 after the relu) or NaN element by element, where a folded
+    shift once gave inf - inf = NaN or 0. Inference and the training path with running
+    statistics both."""
+    host, conv, dt, pt = make_inputs(NUMERICS_CASE, dtypes, seed=1)
+    host["gamma"][1] = value
+    z = reference.conv1d(f64(host["x"]), f64(host["w"]), f64(host["bias"]), **conv)
+    assert np.abs(z[:, 1] - host["rm"][1]).min() > 1e-2  # no z at the mean: no 0 * inf
+    with np.errstate(invalid="ignore"):
+        ref = reference.conv1d_bn_relu_forward(
+            f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
+            f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, training=False,
+            **conv)[0]
+    assert not np.isfinite(ref[:, 1]).all() and np.isfinite(np.delete(ref, 1, axis=1)).all()
+    d = {k: dev(v) for k, v in host.items()}
+    y = cp.empty(ref.shape, dt)
+    cuda.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                      d["rv"], y, conv["stride"], conv["pad"], conv["dilation"],
+                                      conv["groups"], EPS)
+    assert_same_numbers(y, ref, dt, "inference")
+    d = run_forward_train(host, conv, dt, pt, use_batch_stats=False)
+    assert_same_numbers(d["y"], ref, dt, "training forward with running statistics")
+
+
+@pytest.mark.parametrize("dtypes", ["f32", "f16_p32"])
+@pytest.mark.parametrize("bad", ["nan_and_inf", "inf"])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_nonfinite_data_reaches_outputs_and_gradients(bad, batch_stats, dtypes):
+    """NaN and +inf in the data, forward (training with batch statistics, or with running
+    statistics as after an inference forward; and inference) and backward, against the
+    reference. With running statistics an infinite z must leave the data gradient finite: the
+    batch terms are left out, not multiplied by 0 (inf * 0 = NaN)."""
+    host, conv, dt, pt = make_inputs(NUMERICS_CASE, dtypes, seed=2)
+    if bad == "nan_and_inf":
+        host["x"][0, 1, 5] = np.nan
+    host["x"][1, 2, 7] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        y_ref, _, rm_ref, rv_ref = reference.conv1d_bn_relu_forward(
+            f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
+            f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM,
+            training=True, use_global_stats=not batch_stats, **conv)
+        z_ref = reference.conv1d(f64(host["x"]), f64(host["w"]), f64(host["bias"]), **conv)
+    d = run_forward_train(host, conv, dt, pt, batch_stats)
+    assert_same_numbers(d["z"], z_ref, dt, "z")
+    assert_same_numbers(d["y"], y_ref, dt, "output")
+    assert_same_numbers(d["rm"], rm_ref, dt, "running_mean")
+    assert_same_numbers(d["rv"], rv_ref, dt, "running_var")
+    if not batch_stats:
+        y = cp.empty(y_ref.shape, dt)
+        d0 = {k: dev(v) for k, v in host.items()}
+        cuda.conv1d_bn_relu_forward_infer(d0["x"], d0["w"], d0["bias"], d0["gamma"], d0["beta"],
+                                          d0["rm"], d0["rv"], y, conv["stride"], conv["pad"],
+                                          conv["dilation"], conv["groups"], EPS)
+        assert_same_numbers(y, y_ref, dt, "inference")
+    dy = np.random.default_rng(3).standard_normal(y_ref.shape).astype(dt)
+    ref = reference_backward(host, conv, d, dy, batch_stats)
+    got = run_backward(host, conv, d, dy, batch_stats)
+    for name, g in got.items():
+        assert_same_numbers(g, ref[name], dt, f"{name} gradient")
+    assert np.isnan(cp.asnumpy(d["y"])).any() == (bad == "nan_and_inf" or batch_stats)
+    if bad == "inf" and not batch_stats:
+        assert np.isfinite(cp.asnumpy(got["data"])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits: every hyper-parameter may be as large as the ops allow (MAX_EXTENT = 2**31 - 1);
+# input positions then pass 2**31. (N, Cin, Cout, L, K, stride, pad, dilation, groups, bias).
+LIMIT_CASES = {
+    "stride": (2, 3, 4, 5, 3, 2**31 - 1, 0, 1, 1, True),
+    # output 3 wide: columns 0 and 2 read only padding, column 2 from position 2**31 - 1 on
+    "stride_and_pad": (2, 3, 4, 5, 3, 2**31 - 1, 2**31 - 1, 1, 1, True),
+    # output 2 wide: column 0 reads x[2] by its second tap (at -pad + dilation), column 1 by
+    # its first; the other taps fall 2**31 - 1 away
+    "dilation": (2, 3, 4, 7, 2, 2**31 - 1, 2**31 - 3, 2**31 - 1, 1, True),
+}
+
+
+def gathered(host, conv):
+    """The case as a stride-K conv of the gathered windows xg[n, c, l * K + t] =
+    x[n, c, l * stride - pad + t * dilation] (zero outside the input), which the reference can
+    compute; and the positions, to scatter xg's gradient back."""
+    x, k = host["x"], host["w"].shape[2]
+    lout = reference.conv1d_out_width(x.shape[2], k, conv["stride"], conv["pad"],
+                                      conv["dilation"])
+    pos = (np.arange(lout)[:, None] * conv["stride"] - conv["pad"]
+           + np.arange(k)[None, :] * conv["dilation"])  # int64
+    inside = (pos >= 0) & (pos < x.shape[2])
+    xg = np.where(inside, x[:, :, np.clip(pos, 0, x.shape[2] - 1)], 0).astype(x.dtype)
+    return dict(host, x=xg.reshape(x.shape[0], x.shape[1], lout * k)), pos, inside
+
+
+@pytest.mark.parametrize("case", LIMIT_CASES)
+def test_hyper_parameters_at_the_limit(case):
+    host, conv, dt, pt = make_inputs(LIMIT_CASES[case], "f32")
+    g_host, pos, inside = gathered(host, conv)
+    assert inside.any()
+    k = host["w"].shape[2]
+    g_conv = dict(stride=k, pad=0, dilation=1, groups=1)
+    y_ref, cache, rm_ref, rv_ref = reference.conv1d_bn_relu_forward(
+        f64(g_host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
+        f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM,
+        training=True, **g_conv)
+    d = run_forward_train(host, conv, dt, pt, True)
+    assert d["y"].shape == y_ref.shape
+    assert_close(d["y"], y_ref, dt, "out")
+    assert_close(d["rm"], rm_ref, dt, "running_mean")
+    assert_close(d["rv"], rv_ref, dt, "running_var")
+    dy = np.random.default_rng(1).standard_normal(y_ref.shape).astype(dt)
+    ref = reference_backward(g_host, g_conv, d, dy, True)
+    dxg = ref["data"].reshape(host["x"].shape[:2] + pos.shape)
+    ref["data"] = np.zeros(host["x"].shape)
+    np.add.at(ref["data"], (slice(None), slice(None), pos[inside]), dxg[:, :, inside])
+    for name, g in run_backward(host, conv, d, dy, True).items():
+        assert_close(g, ref[name], dt, f"{name}_grad")
+    y_inf = reference.conv1d_bn_relu_forward(
+        f64(g_host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
+        f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, training=False,
+        **g_conv)[0]
+    h = {k: dev(v) for k, v in host.items()}
+    y = cp.empty(y_inf.shape, dt)
+    cuda.conv1d_bn_relu_forward_infer(h["x"], h["w"], h["bias"], h["gamma"], h["beta"], h["rm"],
+                                      h["rv"], y, conv["stride"], conv["pad"], conv["dilation"],
+                                      conv["groups"], EPS)
+    assert_close(y, y_inf, dt, "inference")
+
+
+def test_beyond_the_kernels_limits_raise_named_errors():
+    """What the ops accept but the kernels cannot index or launch is a ValueError naming the
+    argument: an output in the last 2**16 below 2**31 elements, more than 65535 groups or
+    65535 tiles of channels per group; hyper-parameters past 2**31 - 1 likewise."""
+    def zeros(*shape):
+        return cp.zeros(shape, np.float32)
+
+    def infer(x, w, stride=1, pad=0, dilation=1, groups=1):
+        c = zeros(w.shape[0])
+        out = zeros(x.shape[0], w.shape[0], 1)
+        cuda.conv1d_bn_relu_forward_infer(x, w, None, c, c, c, c, out, stride, pad, dilation,
+                                          groups, EPS)
+
+    x, w = zeros(1, 2, 5), zeros(1, 2, 3)
+    for kw, match in [(dict(stride=2**31), "stride must be <= 2147483647"),
+                      (dict(pad=2**31), "pad must be <= 2147483647"),
+                      (dict(dilation=2**31), "dilation must be <= 2147483647"),
+                      (dict(pad=2**30 - 2**14), r"pad \(1073725440\) and stride \(1\) give an "
+                                                r"output of 1 x 1 x 2147450883 elements")]:
+        with pytest.raises(ValueError, match=match):
+            infer(x, w, **kw)
+    with pytest.raises(ValueError, match="groups must be <= 65535, got 65536"):
+        infer(zeros(1, 65536, 1), zeros(65536, 1, 1), groups=65536)
+    with pytest.raises(ValueError, match=r"weight's out_channels per group \(4194304\) must be "
+                                         r"<= 4194240"):
+        infer(zeros(1, 1, 1), zeros(2**22, 1, 1))
+    with pytest.raises(ValueError, match=r"data's channels per group \(4194304\) must be "
+                                         r"<= 4194240"):
+        infer(zeros(1, 2**22, 1), zeros(1, 2**22, 1))
 
 
 # Mutants of the kernel sources that the checks must catch: name: (file, original, mutant).

@@ -1,4 +1,5 @@
-// Fused add + relu on the GPU: y = max(a + b, 0) and its backward, elementwise over n values.
+// Fused add + relu on the GPU: y = relu(a + b) (NaN kept, as MXNet's relu) and its backward,
+// elementwise over n values.
 // Grid-stride loops; 16-byte vector accesses when every pointer is 16-byte aligned (decided
 // in the kernel, uniformly for the whole grid), then a scalar tail.
 #include "common.cuh"
@@ -45,14 +46,13 @@ __device__ void add_relu_fwd(long long n, const T* __restrict__ a, const T* __re
   for (long long i = done + tid; i < n; i += step) y[i] = from_f<T>(relu(to_f(a[i]) + to_f(b[i])));
 }
 
-// da = db = dy * (y > 0); a null da or db is not written.
+// da = db = dy * relu'(y) (relu' = NaN at NaN, common.cuh); a null da or db is not written.
 template <typename T>
 __device__ void add_relu_bwd(long long n, const T* __restrict__ dy, const T* __restrict__ y,
                              T* __restrict__ da, T* __restrict__ db) {
   constexpr int V = Vec<T>::n;
   const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const long long step = (long long)gridDim.x * blockDim.x;
-  const T zero = from_f<T>(0.f);
   long long done = 0;
   if (aligned16(dy) && aligned16(y) && aligned16(da) && aligned16(db)) {  // null is aligned
     const long long nvec = n / V;
@@ -60,14 +60,14 @@ __device__ void add_relu_bwd(long long n, const T* __restrict__ dy, const T* __r
       const Vec<T> vg = load16(dy + i * V), vy = load16(y + i * V);
       Vec<T> r;
 #pragma unroll
-      for (int j = 0; j < V; ++j) r.v[j] = to_f(vy.v[j]) > 0.f ? vg.v[j] : zero;
+      for (int j = 0; j < V; ++j) r.v[j] = from_f<T>(relu_grad(to_f(vg.v[j]), to_f(vy.v[j])));
       if (da) store16(da + i * V, r);
       if (db) store16(db + i * V, r);
     }
     done = nvec * V;
   }
   for (long long i = done + tid; i < n; i += step) {
-    const T g = to_f(y[i]) > 0.f ? dy[i] : zero;
+    const T g = from_f<T>(relu_grad(to_f(dy[i]), to_f(y[i])));
     if (da) da[i] = g;
     if (db) db[i] = g;
   }

@@ -14,25 +14,36 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
-// std::max(v, 0) as the CPU kernels write it: NaN propagates.
-__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
-// The op's optional relu (relu=False gives conv + batchnorm alone), and the backward mask
-// that goes with it, decided from the same pre-activation value as the forward.
+// MXNet's relu (mshadow_op::relu): isnan(v) ? v : (v > 0 ? v : 0), so NaN passes through.
+__device__ __forceinline__ float relu(float v) { return isnan(v) || v > 0.f ? v : 0.f; }
+// MXNet's relu gradient, dy * relu'(pre) with relu' = 1 above 0, 0 at or below, NaN at NaN: a
+// product, so a NaN or infinite dy reaches the gradient where the relu is closed too.
+__device__ __forceinline__ float relu_grad(float dy, float pre) {
+  return __fmul_rn(dy, pre > 0.f ? 1.f : (isnan(pre) ? pre : 0.f));
+}
+// The op's optional relu (relu=False gives conv + batchnorm alone), and the gradient reaching
+// the pre-activation, from the same pre-activation value as the forward.
 __device__ __forceinline__ float act(float v, int do_relu) { return do_relu ? relu(v) : v; }
-__device__ __forceinline__ bool passes(float pre, int do_relu) { return !do_relu || pre > 0.f; }
+__device__ __forceinline__ float act_grad(float dy, float pre, int do_relu) {
+  return do_relu ? relu_grad(dy, pre) : dy;
+}
 
-// Per-channel affine of the normalization, y = relu(z * a + b), with a = gamma * invstd and
-// b = beta - mean * a (the CPU bn_affine). Explicit rounding intrinsics stop the compiler from
+// Per-channel normalization in BatchNorm's own order, pre = (z - mean) * a + beta with
+// a = gamma * invstd (the CPU bn_pre). The folded z * a + (beta - mean * a) would turn an
+// infinite a into inf - inf = NaN. Explicit rounding intrinsics stop the compiler from
 // contracting differently in different kernels, so the forward output and the backward relu
 // mask agree bit for bit.
 struct Affine {
-  float a, b;
-  __device__ __forceinline__ float pre(float z) const { return __fmaf_rn(z, a, b); }
+  float mean, a, beta;
+  __device__ __forceinline__ float pre(float z) const {
+    return __fmaf_rn(__fsub_rn(z, mean), a, beta);
+  }
 };
 __device__ __forceinline__ Affine bn_affine(float gamma, float beta, float mean, float invstd) {
   Affine r;
+  r.mean = mean;
   r.a = __fmul_rn(gamma, invstd);
-  r.b = __fmaf_rn(-mean, r.a, beta);
+  r.beta = beta;
   return r;
 }
 

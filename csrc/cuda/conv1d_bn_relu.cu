@@ -12,7 +12,11 @@
 // suffer E[z^2] - E[z]^2 cancellation. Backward reductions and the split-K weight gradient
 // follow the same pattern: float partials in a workspace, summed in a fixed order in double.
 //
-// Sizes are int32: the caller guarantees every tensor has fewer than 2^31 elements.
+// Sizes are int32: the caller guarantees every tensor has at most 2^31 - 2^16 elements (room for
+// a tile past the end), every dimension and hyper-parameter at most 2^31 - 1, and
+// L + pad < 2^32. Input positions (l * stride - pad + tap * dil) may exceed int32 there; they
+// are computed in unsigned arithmetic, modulo 2^32, where a true position p in [-2^31, 2^32)
+// is in [0, L) exactly when its residue is below L (negative ones wrap to at least 2^31 > L).
 #include "common.cuh"
 
 namespace fusedres {
@@ -95,18 +99,20 @@ struct FwdProb {
   const T* w;
   int g, cin_g, cout_g, Kred;
   struct RowState { const T* wrow; };
-  struct ColState { const T* xbase; int pos0; };
+  struct ColState { const T* xbase; unsigned pos0; };  // l * stride - pad, modulo 2^32
   __device__ RowState row_state(int r) const {
     return {w + (size_t)(g * cout_g + r) * Kred};
   }
   __device__ float a(const RowState& rs, int k) const { return to_f(rs.wrow[k]); }
   __device__ ColState col_state(int m) const {
     const int n = m / s.Lout, l = m - n * s.Lout;
-    return {x + ((size_t)n * s.Cin + (size_t)g * cin_g) * s.L, l * s.stride - s.pad};
+    return {x + ((size_t)n * s.Cin + (size_t)g * cin_g) * s.L,
+            (unsigned)l * (unsigned)s.stride - (unsigned)s.pad};
   }
   __device__ float b(const ColState& cs, int k) const {
-    const int c = k / s.K, tap = k - c * s.K, pos = cs.pos0 + tap * s.dil;
-    return pos >= 0 && pos < s.L ? to_f(cs.xbase[(size_t)c * s.L + pos]) : 0.f;
+    const int c = k / s.K, tap = k - c * s.K;
+    const unsigned pos = cs.pos0 + (unsigned)tap * (unsigned)s.dil;
+    return pos < (unsigned)s.L ? to_f(cs.xbase[(size_t)c * s.L + pos]) : 0.f;
   }
 };
 
@@ -118,7 +124,8 @@ __device__ FwdProb<T> fwd_prob(const Shape& s, const T* x, const T* w, int g) {
 
 // Backward data of group g: rows are the group's input channels c, columns m = n * L + i,
 // k = co * K + tap over the group's output channels; A = w[g * cout_g + co, c, tap],
-// B = dz[n, g * cout_g + co, l] where l * stride = i + pad - tap * dil (else zero).
+// B = dz[n, g * cout_g + co, l] where l * stride = i + pad - tap * dil (else zero). i + pad is
+// below 2^32, tap * dil may not be: t is computed in 64 bits, divided in 32.
 template <typename T>
 struct BwdDataProb {
   Shape s;
@@ -126,7 +133,7 @@ struct BwdDataProb {
   const T* w;
   int g, cin_g, cout_g;
   struct RowState { const T* wcol; };
-  struct ColState { const float* dzbase; int q0; };
+  struct ColState { const float* dzbase; unsigned q0; };  // i + pad
   __device__ RowState row_state(int r) const {
     return {w + ((size_t)g * cout_g * cin_g + r) * s.K};
   }
@@ -136,13 +143,15 @@ struct BwdDataProb {
   }
   __device__ ColState col_state(int m) const {
     const int n = m / s.L, i = m - n * s.L;
-    return {dz + ((size_t)n * s.Cout + (size_t)g * cout_g) * s.Lout, i + s.pad};
+    return {dz + ((size_t)n * s.Cout + (size_t)g * cout_g) * s.Lout, (unsigned)i + (unsigned)s.pad};
   }
   __device__ float b(const ColState& cs, int k) const {
-    const int co = k / s.K, tap = k - co * s.K, t = cs.q0 - tap * s.dil;
+    const int co = k / s.K, tap = k - co * s.K;
+    const long long t = (long long)cs.q0 - (long long)tap * s.dil;
     if (t < 0) return 0.f;
-    const int l = t / s.stride;
-    return l * s.stride == t && l < s.Lout ? cs.dzbase[(size_t)co * s.Lout + l] : 0.f;
+    const unsigned ut = (unsigned)t, l = ut / (unsigned)s.stride;
+    return l * (unsigned)s.stride == ut && l < (unsigned)s.Lout ? cs.dzbase[(size_t)co * s.Lout + l]
+                                                                : 0.f;
   }
 };
 
@@ -156,7 +165,7 @@ struct BwdWeightProb {
   const T* x;
   int g, cin_g, cout_g;
   struct RowState { const float* dzrow; };
-  struct ColState { const T* xbase; int shift; };
+  struct ColState { const T* xbase; unsigned shift; };  // tap * dil - pad, modulo 2^32
   __device__ RowState row_state(int r) const {
     return {dz + (size_t)(g * cout_g + r) * s.Lout};
   }
@@ -166,11 +175,12 @@ struct BwdWeightProb {
   }
   __device__ ColState col_state(int r) const {
     const int c = r / s.K, tap = r - c * s.K;
-    return {x + (size_t)(g * cin_g + c) * s.L, tap * s.dil - s.pad};
+    return {x + (size_t)(g * cin_g + c) * s.L, (unsigned)tap * (unsigned)s.dil - (unsigned)s.pad};
   }
   __device__ float b(const ColState& cs, int m) const {
-    const int n = m / s.Lout, l = m - n * s.Lout, pos = l * s.stride + cs.shift;
-    return pos >= 0 && pos < s.L ? to_f(cs.xbase[(size_t)n * s.Cin * s.L + pos]) : 0.f;
+    const int n = m / s.Lout, l = m - n * s.Lout;
+    const unsigned pos = (unsigned)l * (unsigned)s.stride + cs.shift;
+    return pos < (unsigned)s.L ? to_f(cs.xbase[(size_t)n * s.Cin * s.L + pos]) : 0.f;
   }
 };
 
@@ -241,8 +251,11 @@ __device__ void conv_fwd_train(const Shape s, const T* __restrict__ x, const T* 
   }
 }
 
-// Inference: BN folded into the epilogue, y = relu(acc * scale + shift) with
-// scale = gamma / sqrt(running_var + eps), shift = (bias - running_mean) * scale + beta.
+// Inference: the training path with running statistics in one pass, BatchNorm applied in the
+// epilogue in its own order, y = relu((z - running_mean) * a + beta) on z = conv + bias as
+// stored, a = gamma * invstd, invstd = 1 / sqrt(running_var + eps). Nothing is folded: folding
+// the shift (or the scale into the weights) saves nothing here and would turn an infinite or
+// NaN scale (gamma = inf, a NaN statistic) or an overflowing product into the wrong numbers.
 template <typename T, typename P>
 __device__ void conv_fwd_infer(const Shape s, const T* __restrict__ x, const T* __restrict__ w,
                                const T* __restrict__ bias, const P* __restrict__ gamma,
@@ -262,12 +275,14 @@ __device__ void conv_fwd_infer(const Shape s, const T* __restrict__ x, const T* 
   for (int i = 0; i < 4; ++i) {
     const int row = row0 + ty + 16 * i, co = g * p.cout_g + row;
     if (row >= p.cout_g) continue;
-    const float scale = to_f(gamma[co]) / sqrtf(to_f(rvar[co]) + eps);
+    const float invstd = 1.f / sqrtf(to_f(rvar[co]) + eps);
+    const Affine af = bn_affine(to_f(gamma[co]), to_f(beta[co]), to_f(rmean[co]), invstd);
     const float bv = bias ? to_f(bias[co]) : 0.f;
-    const float shift = (bv - to_f(rmean[co])) * scale + to_f(beta[co]);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (cok[j]) y[off[j] + (size_t)co * s.Lout] = from_f<T>(act(fmaf(acc[i][j], scale, shift), do_relu));
+    for (int j = 0; j < 4; ++j) {
+      const float zv = to_f(from_f<T>(acc[i][j] + bv));  // z as the training path stores it
+      if (cok[j]) y[off[j] + (size_t)co * s.Lout] = from_f<T>(act(af.pre(zv), do_relu));
+    }
   }
 }
 
@@ -305,7 +320,7 @@ __device__ void conv_bwd_weight(const Shape s, const T* __restrict__ x,
   const int cin_g = s.cin_g(), cout_g = s.cout_g(), Kw = cin_g * s.K, M = s.N * s.Lout;
   const BwdWeightProb<T> p{s, dz, x, g, cin_g, cout_g};
   const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
-  const int kbeg = min(M, split * kchunk), kend = min(M, kbeg + kchunk);
+  const int kbeg = min(M, split * kchunk), kend = kbeg + min(kchunk, M - kbeg);
   float acc[4][4];
   gemm_tile(p, cout_g, Kw, row0, col0, kbeg, kend, acc);
   float* out = ws + (size_t)split * s.Cout * Kw;
@@ -326,7 +341,8 @@ __device__ void conv_bwd_weight(const Shape s, const T* __restrict__ x,
 template <typename T>
 __device__ void sum_splits(const float* __restrict__ ws, int nsplits, int count,
                            T* __restrict__ out) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+  const long long step = (long long)gridDim.x * blockDim.x;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += step) {
     double acc = 0.0;
     for (int sp = 0; sp < nsplits; ++sp) acc += ws[(size_t)sp * count + i];
     out[i] = from_f<T>((float)acc);
@@ -370,14 +386,14 @@ __device__ void bn_fwd_finalize(const float* __restrict__ psum, const float* __r
   }
 }
 
-// y = relu(z * a + b) per channel; blocks stride over the N * C rows of length W.
+// y = relu((z - mean) * a + beta) per channel; blocks stride over the N * C rows of length W.
 template <typename T, typename P>
 __device__ void bn_relu_apply(const T* __restrict__ z, const P* __restrict__ gamma,
                               const P* __restrict__ beta, const P* __restrict__ mean,
                               const P* __restrict__ invstd, int rows, int C, int W,
                               int do_relu, T* __restrict__ y) {
-  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int c = row % C;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int c = (int)(row % C);
     const Affine af = bn_affine(to_f(gamma[c]), to_f(beta[c]), to_f(mean[c]), to_f(invstd[c]));
     const T* zr = z + (size_t)row * W;
     T* yr = y + (size_t)row * W;
@@ -385,26 +401,24 @@ __device__ void bn_relu_apply(const T* __restrict__ z, const P* __restrict__ gam
   }
 }
 
-// Per-channel constants of the backward, loaded once per block.
+// Per-channel constants of the backward, loaded once per block; scale = af.a = gamma * invstd.
 struct BnChannel {
   Affine af;
-  float mean, invstd, scale;  // scale = gamma * invstd
-  __device__ float xhat(float z) const { return __fmul_rn(__fsub_rn(z, mean), invstd); }
+  float invstd;
+  __device__ float xhat(float z) const { return __fmul_rn(__fsub_rn(z, af.mean), invstd); }
 };
 template <typename P>
 __device__ BnChannel bn_channel(const P* gamma, const P* beta, const P* mean, const P* invstd,
                                 int c) {
   BnChannel r;
-  r.mean = to_f(mean[c]);
   r.invstd = to_f(invstd[c]);
-  r.af = bn_affine(to_f(gamma[c]), to_f(beta[c]), r.mean, r.invstd);
-  r.scale = r.af.a;
+  r.af = bn_affine(to_f(gamma[c]), to_f(beta[c]), to_f(mean[c]), r.invstd);
   return r;
 }
 
 // Block (c, s) owns elements e in [s * chunk, (s + 1) * chunk) of channel c's N * W values,
 // e = n * W + w. Writes ws_g[s * C + c] = sum g, ws_gx[s * C + c] = sum g * xhat, where
-// g = dy masked by the recomputed relu.
+// g = dy * relu'(pre) with the relu recomputed from z (every element counts: 0 * inf is NaN).
 template <typename T, typename P>
 __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
                               const P* __restrict__ gamma, const P* __restrict__ beta,
@@ -413,17 +427,15 @@ __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
                               float* __restrict__ ws_gx) {
   const int c = blockIdx.x, sp = blockIdx.y, total = N * W;
   const BnChannel ch = bn_channel(gamma, beta, mean, invstd, c);
-  const int beg = min(total, sp * chunk), end = min(total, beg + chunk);
+  const int beg = min(total, sp * chunk), end = beg + min(chunk, total - beg);
   float sg = 0.f, sgx = 0.f;
   for (int e = beg + threadIdx.x; e < end; e += blockDim.x) {
     const int n = e / W;
     const size_t off = ((size_t)n * C + c) * W + (e - n * W);
     const float zv = to_f(z[off]);
-    if (passes(ch.af.pre(zv), do_relu)) {
-      const float gv = to_f(dy[off]);
-      sg += gv;
-      sgx += gv * ch.xhat(zv);
-    }
+    const float gv = act_grad(to_f(dy[off]), ch.af.pre(zv), do_relu);
+    sg += gv;
+    sgx += gv * ch.xhat(zv);
   }
   sg = block_sum(sg);
   sgx = block_sum(sgx);
@@ -434,10 +446,10 @@ __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
 }
 
 // One thread per channel: dgamma = sum g * xhat, dbeta = sum g (null: not wanted), and the
-// dz constants coef[c] = mean(g), coef[C + c] = mean(g * xhat) (zero without batch stats).
+// dz constants of the batch statistics, coef[c] = mean(g), coef[C + c] = mean(g * xhat).
 template <typename P>
 __device__ void bn_bwd_finalize(const float* __restrict__ ws_g, const float* __restrict__ ws_gx,
-                                int nsplits, int C, int M, int batch_stats,
+                                int nsplits, int C, int M,
                                 P* __restrict__ dgamma, P* __restrict__ dbeta,
                                 float* __restrict__ coef) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -449,30 +461,33 @@ __device__ void bn_bwd_finalize(const float* __restrict__ ws_g, const float* __r
   }
   if (dgamma) dgamma[c] = from_f<P>((float)sgx);
   if (dbeta) dbeta[c] = from_f<P>((float)sg);
-  coef[c] = batch_stats ? (float)(sg / M) : 0.f;
-  coef[C + c] = batch_stats ? (float)(sgx / M) : 0.f;
+  coef[c] = (float)(sg / M);
+  coef[C + c] = (float)(sgx / M);
 }
 
-// dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), stored as float32 for the two
-// backward convs; same block partition as bn_bwd_reduce. ws_dz (nullable) gets per-block sums
-// of dz for the bias gradient.
+// dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)) with batch statistics, and
+// gamma * invstd * g without: the batch terms are left out rather than multiplied by 0, which
+// an infinite xhat would turn into NaN (the CPU dz_of). Stored as float32 for the two backward
+// convs; same block partition as bn_bwd_reduce. ws_dz (nullable) gets per-block sums of dz for
+// the bias gradient.
 template <typename T, typename P>
 __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
                           const P* __restrict__ gamma, const P* __restrict__ beta,
                           const P* __restrict__ mean, const P* __restrict__ invstd,
                           const float* __restrict__ coef, int N, int C, int W, int chunk,
-                          int do_relu, float* __restrict__ dz, float* __restrict__ ws_dz) {
+                          int do_relu, int batch_stats, float* __restrict__ dz,
+                          float* __restrict__ ws_dz) {
   const int c = blockIdx.x, sp = blockIdx.y, total = N * W;
   const BnChannel ch = bn_channel(gamma, beta, mean, invstd, c);
   const float mg = coef[c], mgx = coef[C + c];
-  const int beg = min(total, sp * chunk), end = min(total, beg + chunk);
+  const int beg = min(total, sp * chunk), end = beg + min(chunk, total - beg);
   float sdz = 0.f;
   for (int e = beg + threadIdx.x; e < end; e += blockDim.x) {
     const int n = e / W;
     const size_t off = ((size_t)n * C + c) * W + (e - n * W);
     const float zv = to_f(z[off]);
-    const float gv = passes(ch.af.pre(zv), do_relu) ? to_f(dy[off]) : 0.f;
-    const float d = ch.scale * (gv - mg - ch.xhat(zv) * mgx);
+    const float gv = act_grad(to_f(dy[off]), ch.af.pre(zv), do_relu);
+    const float d = batch_stats ? ch.af.a * (gv - mg - ch.xhat(zv) * mgx) : ch.af.a * gv;
     dz[off] = d;
     sdz += d;
   }
@@ -519,9 +534,9 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
                                  momentum, use_batch_stats, update_running);                   \
   }                                                                                            \
   extern "C" __global__ void bn_bwd_finalize_##SUF(const float* ws_g, const float* ws_gx,      \
-                                                   int nsplits, int C, int M, int batch_stats, \
-                                                   P* dgamma, P* dbeta, float* coef) {         \
-    fusedres::bn_bwd_finalize<P>(ws_g, ws_gx, nsplits, C, M, batch_stats, dgamma, dbeta, coef); \
+                                                   int nsplits, int C, int M, P* dgamma,       \
+                                                   P* dbeta, float* coef) {                    \
+    fusedres::bn_bwd_finalize<P>(ws_g, ws_gx, nsplits, C, M, dgamma, dbeta, coef);             \
   }
 
 #define FUSEDRES_MIXED_KERNELS(SUF, T, P)                                                      \
@@ -547,9 +562,9 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
   extern "C" __global__ void bn_bwd_dz_##SUF(                                                  \
       const T* dy, const T* z, const P* gamma, const P* beta, const P* mean,                   \
       const P* invstd, const float* coef, int N, int C, int W, int chunk, int do_relu,         \
-      float* dz, float* ws_dz) {                                                               \
+      int batch_stats, float* dz, float* ws_dz) {                                              \
     fusedres::bn_bwd_dz<T, P>(dy, z, gamma, beta, mean, invstd, coef, N, C, W, chunk, do_relu, \
-                              dz, ws_dz);                                                      \
+                              batch_stats, dz, ws_dz);                                         \
   }
 
 FUSEDRES_DATA_KERNELS(f32, float)
