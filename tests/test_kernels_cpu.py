@@ -5,8 +5,9 @@ each output); float32 runs are compared against the float64 reference computed f
 (float32) inputs, with errors scaled by magnitude (~1e-4). Every available instruction-set
 path (FUSEDRES_CPU_ISA=generic|avx2|avx512) is exercised.
 
-The extension and the reference are loaded straight from their files, so these tests need
-neither MXNet nor the rest of the package to import.
+The extension is loaded straight from its file and the reference is MXNet-free, so these tests
+need neither MXNet nor the rest of the package to import (conftest.py makes fusedres.reference
+importable without MXNet).
 """
 import glob
 import importlib.util
@@ -37,8 +38,7 @@ def _load_c():
 
 
 _C = _load_c()
-ref = _load("_fusedres_reference_conv", ROOT / "fusedres" / "reference" / "conv1d_bn_relu.py")
-ref_add = _load("_fusedres_reference_add", ROOT / "fusedres" / "reference" / "add_relu.py")
+ref = ref_add = importlib.import_module("fusedres.reference")
 
 
 def _cpu_flags():
