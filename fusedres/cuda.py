@@ -493,6 +493,13 @@ def add_relu_backward(out_grad, out, lhs_grad, rhs_grad):
 # ---------------------------------------------------------------------------------------------
 # MXNet interop
 
+# Device types of the MXNet contexts whose arrays from_mxnet views and whose ops the GPU
+# backend of fusedres.ops serves: MXNet's GPUs. A test hook: tests/cuda_emu/mxnet_gpu.py adds
+# "cpu" to drive that backend with CPU NDArrays on the CUDA emulation, whose device memory is
+# the host's (a real cupy.from_dlpack refuses a CPU capsule).
+GPU_DEVICE_TYPES = ("gpu",)
+
+
 def from_mxnet(arr, writable=False):
     """A CuPy view (no copy) of an MXNet GPU NDArray, through DLPack.
 
@@ -502,7 +509,7 @@ def from_mxnet(arr, writable=False):
     """
     cp = _cupy()
     ctx = arr.context
-    if ctx.device_type != "gpu":
+    if ctx.device_type not in GPU_DEVICE_TYPES:
         raise ValueError(f"from_mxnet needs a GPU NDArray, got one on {ctx}")
     capsule = arr.to_dlpack_for_write() if writable else arr.to_dlpack_for_read()
     with cp.cuda.Device(ctx.device_id):

@@ -3,23 +3,23 @@ import mxnet as mx
 import numpy as np
 
 from .attrs import check_dtypes
-from .backends import Target, backend_for, is_cpu, mx_dtype
+from .backends import Target, backend_for, check_data_dtype, mx_dtype
 from .errors import record_error
 
 OP_NAME = "fusedres_add_relu"
 
 
 class AddReLU(mx.operator.CustomOp):
-    def __init__(self, ctx):
+    def __init__(self, backend):
         super().__init__()
-        self.backend = backend_for(ctx)
+        self.backend = backend
 
     def forward(self, is_train, req, in_data, out_data, aux):
         be = self.backend
-        out = Target(be, req[0], out_data[0])
-        if out.req == "null":
+        if req[0] == "null":
             return
         with be.scope():
+            out = Target(be, req[0], out_data[0])
             be.kernels.add_relu_forward(be.view(in_data[0]), be.view(in_data[1]), out.buf)
             out.commit()
 
@@ -73,6 +73,6 @@ class AddReLUProp(mx.operator.CustomOpProp):
         return [out_grad[0]] + list(in_data) + [out_data[0]]
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
-        if is_cpu(ctx) and mx_dtype(in_dtypes[0]) == np.float16:
-            raise record_error(TypeError("lhs must be float32 or float64 on the CPU, got float16"))
-        return AddReLU(ctx)
+        backend = backend_for(ctx)
+        check_data_dtype(backend, mx_dtype(in_dtypes[0]), "lhs")
+        return AddReLU(backend)

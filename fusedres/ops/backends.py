@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import mxnet as mx
 import numpy as np
 
+from .. import cuda
 from .errors import record_error
 
 CPU_DEVICES = ("cpu", "cpu_pinned", "cpu_shared")
@@ -59,14 +60,13 @@ class GPUBackend:
     """CUDA kernels through CuPy (fusedres.cuda); MXNet memory is shared through DLPack."""
     name = "gpu"
 
-    def __init__(self, device_id):
-        from .. import cuda
+    def __init__(self, ctx):
         ok, why = cuda.available()
         if not ok:
             raise record_error(ValueError(
-                f"data is on gpu({device_id}) but fusedres's CUDA kernels are unavailable: {why}"))
+                f"data is on {ctx} but fusedres's CUDA kernels are unavailable: {why}"))
         import cupy
-        self.kernels, self._cupy, self.ctx = cuda, cupy, mx.gpu(device_id)
+        self.kernels, self._cupy, self.ctx = cuda, cupy, ctx
 
     def view(self, arr):
         return self.kernels.from_mxnet(arr)
@@ -86,11 +86,26 @@ class GPUBackend:
 
 
 def backend_for(ctx):
+    if ctx.device_type in cuda.GPU_DEVICE_TYPES:
+        return GPUBackend(ctx)
     if is_cpu(ctx):
         return CPUBackend()
-    if ctx.device_type == "gpu":
-        return GPUBackend(ctx.device_id)
     raise record_error(ValueError(f"data is on an unsupported device {ctx}"))
+
+
+# The dtypes of data each backend's kernels take (the BatchNorm arrays may be float32 with
+# float16 data), and where, for messages.
+_DATA_DTYPES = {"cpu": ((np.float32, np.float64), "on the CPU"),
+                "gpu": ((np.float32, np.float16), "on a GPU")}
+
+
+def check_data_dtype(backend, dtype, name):
+    """Raises a TypeError naming the input unless the backend's kernels take data of dtype."""
+    allowed, where = _DATA_DTYPES[backend.name]
+    if dtype not in allowed:
+        kinds = " or ".join(np.dtype(t).name for t in allowed)
+        raise record_error(TypeError(
+            f"{name} must be {kinds} {where}, got {np.dtype(dtype).name}"))
 
 
 class Target:
@@ -114,5 +129,5 @@ class Target:
             self.dst += self.buf
 
 
-__all__ = ["is_cpu", "backend_for", "CPUBackend", "GPUBackend", "Target", "numpy_view",
-           "mx_dtype"]
+__all__ = ["is_cpu", "backend_for", "check_data_dtype", "CPUBackend", "GPUBackend", "Target",
+           "numpy_view", "mx_dtype"]

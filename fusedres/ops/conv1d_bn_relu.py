@@ -11,7 +11,7 @@ import mxnet as mx
 import numpy as np
 
 from .attrs import ConvAttrs, check_dtypes
-from .backends import Target, backend_for, is_cpu, mx_dtype
+from .backends import Target, backend_for, check_data_dtype, mx_dtype
 from .errors import record_error
 
 OP_NAME = "fusedres_conv1d_bn_relu"
@@ -27,10 +27,10 @@ def _known(shape):
 
 
 class Conv1dBNReLU(mx.operator.CustomOp):
-    def __init__(self, prop, ctx):
+    def __init__(self, prop, backend):
         super().__init__()
         self.p = prop
-        self.backend = backend_for(ctx)
+        self.backend = backend
         self.saved = None  # (z, mean, invstd, batch_stats) from a training forward
 
     def _conv_args(self):
@@ -187,8 +187,6 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
         self._raise_if_invalid()
-        dt = mx_dtype(in_dtypes[0])
-        if is_cpu(ctx) and dt == np.float16:
-            raise record_error(TypeError(
-                "data must be float32 or float64 on the CPU, got float16"))
-        return Conv1dBNReLU(self, ctx)
+        backend = backend_for(ctx)
+        check_data_dtype(backend, mx_dtype(in_dtypes[0]), "data")
+        return Conv1dBNReLU(self, backend)
