@@ -7,7 +7,7 @@ autograd) per call, for:
   native   the MXNet operators (_fusedres_conv1d_bn_relu / _fusedres_add_relu, use_native=True)
   custom   the Python CustomOps (use_native=False)
   stock    MXNet: Convolution + BatchNorm + relu; training runs the conv as a (1, k) 2-D conv
-           on (N, C, 1, W) (the 1-D route crashes in backward with MKLDNN, see FACTS.md),
+           on (N, C, 1, W) (the 1-D route crashes in backward with MKLDNN, docs/mxnet-facts.md),
            inference uses the 1-D Convolution; add+relu is relu(a + b).
 Each round runs every variant `calls` times back to back (waiting for the result at the end)
 and the variants are interleaved round by round; the median over rounds of the per-call time

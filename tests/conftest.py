@@ -186,3 +186,12 @@ IMPLS = {"native": True, "custom": False}
 @pytest.fixture(params=list(IMPLS))
 def impl(request):
     return IMPLS[request.param]
+
+
+@pytest.fixture(params=list(IMPLS))
+def impl_env(request, monkeypatch):
+    """The whole test under one implementation, chosen for every block it builds through
+    FUSEDRES_NATIVE (for modules of block-level tests: `pytestmark = usefixtures("impl_env")`)."""
+    if not IMPLS[request.param]:
+        monkeypatch.setenv("FUSEDRES_NATIVE", "0")
+    return IMPLS[request.param]

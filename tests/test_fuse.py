@@ -9,6 +9,9 @@ from mxnet.gluon import nn
 import fusedres
 from fusedres.nn import ConvBN1D, ConvBNReLU1D
 
+# Every test here runs on both implementations (conftest.impl_env).
+pytestmark = pytest.mark.usefixtures("impl_env")
+
 # Channel counts off multiples of 8: the stock model must train too, to be compared with.
 
 

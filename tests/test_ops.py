@@ -29,7 +29,7 @@ def _fused(impl, arrs, conv, dy, train_mode=True, **kw):
 
 def _stock(arrs, conv, dy, use_global_stats=False, relu=True):
     """MXNet's own Convolution + BatchNorm + relu, run as a (1, k) 2-D conv: the 1-D route
-    crashes in backward with MKLDNN on (see FACTS.md); the math is identical."""
+    crashes in backward with MKLDNN on (docs/mxnet-facts.md); the math is identical."""
     n, c, w = arrs["data"].shape
     with autograd.record():
         x4 = arrs["data"].reshape((n, c, 1, w))

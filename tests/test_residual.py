@@ -9,6 +9,9 @@ from mxnet.gluon import nn
 from fusedres.nn import (AddReLU, BasicBlock1D, ConvBN1D, ConvBNReLU1D, ResidualBlock1D,
                          SkipConnection)
 
+# Every test here runs on both implementations (conftest.impl_env).
+pytestmark = pytest.mark.usefixtures("impl_env")
+
 
 class _StockResidual(gluon.HybridBlock):
     """The same computation from stock blocks (channel counts off multiples of 8, where the
@@ -161,3 +164,21 @@ def test_blocks_take_numpy_ints():
     blk = ConvBNReLU1D(np.int64(8), np.int32(3), padding=np.int64(1))
     blk.initialize()
     assert blk(mx.nd.ones((1, 4, 9))).shape == (1, 8, 9)
+
+
+def test_use_native_reaches_every_fused_block_inside(tmp_path, monkeypatch):
+    monkeypatch.delenv("FUSEDRES_NATIVE", raising=False)  # (it would override use_native=True)
+    for use_native, want in ((True, "_fusedres_conv1d_bn_relu"), (False, "Custom")):
+        blk = ResidualBlock1D(8, 3, strides=2, chain_length=2, in_channels=4,
+                              use_native=use_native)
+        skip = SkipConnection(ConvBN1D(4, 3, padding=1, in_channels=4, use_native=use_native),
+                              use_native=use_native)
+        for b, x in ((blk, mx.nd.ones((2, 4, 9))), (skip, mx.nd.ones((2, 4, 9)))):
+            b.initialize()
+            b.hybridize()
+            b(x)
+            prefix = str(tmp_path / f"{b.name}-{use_native}")
+            b.export(prefix)
+            graph = open(prefix + "-symbol.json").read()
+            other = "Custom" if want != "Custom" else "_fusedres_conv1d_bn_relu"
+            assert want in graph and other not in graph, (use_native, b.name)

@@ -111,6 +111,28 @@ void register_add() {
                    const BlobVec&)>::make<&add_backward>());
 }
 
+void register_layout_copy() {
+  nnvm::Op* f = new_op(kLayoutCopyOp);
+  f->describe("data copied into a new array in the default layout (fusedres).");
+  f->add_argument("data", "NDArray-or-Symbol", "");
+  f->set_num_inputs(1);
+  f->set_num_outputs(1);
+  set_attr(f, "FListInputNames",
+           Fn<std::vector<std::string>(const Attrs&)>::make<&copy_input_names>());
+  set_attr(f, "FInferShape",
+           Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<
+               &copy_infer_shape>());
+  set_attr(f, "FInferType",
+           Fn<bool(const Attrs&, std::vector<int>*, std::vector<int>*)>::make<&copy_infer_type>());
+  set_attr(f, "FCompute<cpu>",
+           Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
+                   const BlobVec&)>::make<&copy_forward>());
+  set_attr(f, "FGradient",
+           Fn<std::vector<nnvm::NodeEntry>(const nnvm::ObjectPtr&,
+                                           const std::vector<nnvm::NodeEntry>&)>::make<
+               &copy_gradient>());
+}
+
 std::string g_error;
 
 }  // namespace
@@ -128,6 +150,7 @@ extern "C" __attribute__((visibility("default"))) const char* fusedres_mxop_regi
     set_legacy_invoker(legacy_invoker != 0);
     register_conv();
     register_add();
+    register_layout_copy();
   } catch (const std::exception& e) {
     g_error = e.what();
     return g_error.c_str();

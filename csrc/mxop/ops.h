@@ -6,7 +6,8 @@
 //     use_global_stats, relu (see fusedres/ops/attrs.py); running_mean and running_var are
 //     auxiliary states (FMutateInputs), updated in place by a training forward.
 //   _fusedres_add_relu(lhs, rhs)
-// Both are CPU ops with MXNet's full contract: OpReqType for every output (write, in place,
+//   _fusedres_layout_copy(data): a copy in the default layout, the CustomOps' guard
+// All are CPU ops with MXNet's full contract: OpReqType for every output (write, in place,
 // add, null) and OpContext::is_train in every executor.
 #pragma once
 #include <string>
@@ -29,6 +30,7 @@ extern const char kConvOp[];
 extern const char kConvBackwardOp[];
 extern const char kAddOp[];
 extern const char kAddBackwardOp[];
+extern const char kLayoutCopyOp[];
 
 // conv1d_bn_relu
 uint32_t conv_num_inputs(const nnvm::NodeAttrs& attrs);
@@ -60,6 +62,16 @@ void add_backward(const nnvm::NodeAttrs& attrs, const OpContext& ctx, const Blob
                   const ReqVec& req, const BlobVec& out);
 std::vector<nnvm::NodeEntry> add_gradient(const nnvm::ObjectPtr& node,
                                           const std::vector<nnvm::NodeEntry>& ograds);
+
+// layout_copy (the CustomOps' guard)
+std::vector<std::string> copy_input_names(const nnvm::NodeAttrs& attrs);
+bool copy_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
+                      mxnet::ShapeVector* out);
+bool copy_infer_type(const nnvm::NodeAttrs& attrs, std::vector<int>* in, std::vector<int>* out);
+void copy_forward(const nnvm::NodeAttrs& attrs, const OpContext& ctx, const BlobVec& in,
+                  const ReqVec& req, const BlobVec& out);
+std::vector<nnvm::NodeEntry> copy_gradient(const nnvm::ObjectPtr& node,
+                                           const std::vector<nnvm::NodeEntry>& ograds);
 
 // Shared by both: every tensor of an op has the data's floating dtype (float32 or float64).
 bool infer_same_float_type(const std::vector<std::string>& names, std::vector<int>* in,

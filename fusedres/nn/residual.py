@@ -39,8 +39,8 @@ class ResidualBlock1D(_FusedBlock):
         ``channels``. With ``in_channels=0`` (inferred) and ``strides == 1`` it assumes the
         identity and says so clearly at the first call if the input's channel count differs.
         False never adds one and refuses shapes that cannot be added.
-    use_bias, momentum, epsilon, in_channels
-        As in ``ConvBNReLU1D``.
+    use_bias, momentum, epsilon, in_channels, use_native
+        As in ``ConvBNReLU1D`` (use_native goes to every fused block inside).
     """
 
     def __init__(self, channels, kernel_size, strides=1, chain_length=1, dilation=1,
@@ -64,7 +64,8 @@ class ResidualBlock1D(_FusedBlock):
         self._channels, self._in_channels = channels, in_channels
         self._projection = projection is True or (projection == "auto" and changes_shape)
         self._may_infer_identity = not self._projection and not in_channels
-        common = dict(dilation=dilation, padding=pad, use_bias=use_bias, momentum=momentum,
+        impl = dict(use_native=self._use_native)  # the children run the implementation asked for
+        common = dict(impl, dilation=dilation, padding=pad, use_bias=use_bias, momentum=momentum,
                       epsilon=epsilon)
         with self.name_scope():
             self.body = nn.HybridSequential(prefix="body_")
@@ -76,12 +77,12 @@ class ResidualBlock1D(_FusedBlock):
                                       in_channels=in_channels if i == 0 else channels,
                                       **common))
             if self._projection:
-                self.shortcut = ConvBN1D(channels, 1, strides=strides, use_bias=False,
+                self.shortcut = ConvBN1D(channels, 1, strides=strides, use_bias=False, **impl,
                                          momentum=momentum, epsilon=epsilon,
                                          in_channels=in_channels, prefix="shortcut_")
             else:
                 self.shortcut = None
-            self.join = AddReLU(prefix="join_")
+            self.join = AddReLU(prefix="join_", **impl)
 
     def forward(self, x, *args):
         # Inside a hybridized parent x is a Symbol: the add+relu's shape check speaks then.
@@ -131,9 +132,11 @@ class SkipConnection(HybridBlock):
         concatenating ``block(x)`` and ``x`` along the channel axis (axis 1).
     activation : 'relu' or None, default 'relu'
         Applied after the join. add+relu runs as one fused op.
+    use_native : None, True or False
+        For the fused add+relu, as in ``AddReLU``.
     """
 
-    def __init__(self, block, mode="add", activation="relu", **kwargs):
+    def __init__(self, block, mode="add", activation="relu", use_native=None, **kwargs):
         super().__init__(**kwargs)
         if mode not in ("add", "concat"):
             raise ValueError(f"mode must be 'add' or 'concat', got {mode!r}")
@@ -142,7 +145,8 @@ class SkipConnection(HybridBlock):
         self._mode, self._activation = mode, activation
         with self.name_scope():
             self.block = block
-            self.join = AddReLU() if (mode, activation) == ("add", "relu") else None
+            self.join = (AddReLU(use_native=use_native) if (mode, activation) == ("add", "relu")
+                         else None)
 
     def hybrid_forward(self, F, x):
         y = self.block(x)

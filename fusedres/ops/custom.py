@@ -8,16 +8,19 @@ src/imperative/imperative_utils.h), so the callback reads freed memory: garbage 
 forward, garbage head gradients in backward (a GlobalAvgPool1D head; MXNet's pooling backward
 writes its gradient in an nwc layout). The forms below therefore pass every CPU array through a
 guard in both directions: before each input, and after the output (so that the head gradient
-arrives from the guard's backward). The guard is a full ``slice_axis``: a plain (non-MKLDNN)
-operator whose input MXNet converts synchronously and which cannot run in place, so its output,
-forward and backward, is a fresh array in the default layout. (``identity`` is not enough: in a
-hybridized graph it may run in place and pass the MKLDNN array through; it serves for the
-weight, a graph input, which is never overwritten in place.)
+arrives from the guard's backward). The guard must hand over a fresh array in the default
+layout, forward and backward: the MXNet operator ``_fusedres_layout_copy`` (an FCompute op,
+whose inputs MXNet converts synchronously, that never runs in place; shapes infer both ways).
+Without the operator library, a full ``slice_axis`` does the same for data (a plain operator
+that cannot run in place; its shapes infer forward only) and ``identity`` for the weight (a
+graph input is never overwritten in place). ``identity`` is not enough for data: in a hybridized
+graph it may run in place and pass the MKLDNN array through.
 """
 import mxnet as mx
 
 from . import add_relu as _add_relu_op
 from . import conv1d_bn_relu as _conv_op
+from . import native
 
 CONV1D_BN_RELU = _conv_op.OP_NAME
 ADD_RELU = _add_relu_op.OP_NAME
@@ -28,15 +31,14 @@ def needs_guard(F, x):
     return F is mx.sym or x.context.device_type != "gpu"
 
 
-def _guard(F, x, name):
+def _guard(F, x, name, parameter=False):
     kw = {} if name is None else {"name": name}
+    if native.available()[0]:
+        return getattr(F._internal, native.LAYOUT_COPY)(x, **kw)
+    if parameter:
+        # Lets shape inference fill in a deferred Parameter's shape, which slice_axis does not.
+        return F.identity(x, **kw)
     return F.slice_axis(x, axis=0, begin=0, end=None, **kw)
-
-
-def _guard_parameter(F, w, name):
-    # A graph's input (a Parameter) is never overwritten in place, so identity converts it;
-    # unlike slice_axis it also lets shape inference fill in a deferred Parameter's shape.
-    return F.identity(w, name=name) if name is not None else F.identity(w)
 
 
 def _with_name(name, suffix):
@@ -51,7 +53,7 @@ def conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean, runn
         # The weight too: a stock MKLDNN Conv1D whose Parameter fuse() handed over may have
         # reordered it in place during inference.
         data = _guard(F, data, _with_name(name, "data"))
-        weight = _guard_parameter(F, weight, _with_name(name, "weight_plain"))
+        weight = _guard(F, weight, _with_name(name, "weight_plain"), parameter=True)
     args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
     kw = dict(attrs.op_kwargs, op_type=CONV1D_BN_RELU)

@@ -28,6 +28,7 @@ import mxnet as mx
 LIBRARY_NAME = "libfusedres_mxop.so"
 CONV1D_BN_RELU = "_fusedres_conv1d_bn_relu"
 ADD_RELU = "_fusedres_add_relu"
+LAYOUT_COPY = "_fusedres_layout_copy"  # the CustomOps' guard on the CPU (fusedres/ops/custom.py)
 
 # C++ symbols the library takes from libmxnet, in the old-ABI mangling it was built for.
 _REQUIRED_SYMBOLS = (
@@ -135,7 +136,7 @@ def _make_frontends():
     frontend generators (MXNet made its own ops' functions at import, before these existed)."""
     from mxnet.ndarray.register import _make_ndarray_function
     from mxnet.symbol.register import _make_symbol_function
-    for name in (CONV1D_BN_RELU, ADD_RELU):
+    for name in (CONV1D_BN_RELU, ADD_RELU, LAYOUT_COPY):
         handle = mx.base.OpHandle()
         mx.base.check_call(mx.base._LIB.NNGetOpHandle(mx.base.c_str(name), ctypes.byref(handle)))
         setattr(mx.nd._internal, name, _make_ndarray_function(handle, name, name))
@@ -175,4 +176,4 @@ def add_relu(F, lhs, rhs, name=None):
 
 
 __all__ = ["available", "load", "library_path", "libmxnet_abi", "conv1d_bn_relu", "add_relu",
-           "CONV1D_BN_RELU", "ADD_RELU"]
+           "CONV1D_BN_RELU", "ADD_RELU", "LAYOUT_COPY"]
