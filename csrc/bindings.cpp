@@ -11,6 +11,7 @@
 
 #include "cpu/add_relu.h"
 #include "cpu/conv1d_bn_relu.h"
+#include "cpu/threads.h"
 
 namespace py = pybind11;
 using fusedres::Conv1dShape;
@@ -232,6 +233,9 @@ void add_relu_bwd(py::array dy_, py::array y_, std::optional<py::array> da_,
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedres CPU kernels (float32, float64; NCW contiguous arrays, written in place)";
+  m.def("kernel_threads", &fusedres::kernel_threads,
+        "Threads of the kernels' parallel regions: $OMP_NUM_THREADS, else every processor "
+        "(whatever OpenMP default MXNet gave the calling thread)");
   m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"),

@@ -424,3 +424,18 @@ def test_without_relu(shape, dtype, isa):
         f64["x"], f64["w"], f64["bias"], f64["gamma"], f64["beta"], f64["rm"], f64["rv"], *conv,
         1e-5, 0.9, training=False, relu=False)[0]
     _check(y_inf, want_inf, _tol(dtype), "inference without relu")
+
+
+def test_kernels_use_every_processor_unless_omp_num_threads_says_otherwise():
+    """MXNet sets its worker threads' OpenMP default to half the processors when
+    OMP_NUM_THREADS is unset; the kernels pick their own team size (threads.h)."""
+    import os
+    import subprocess
+    code = "import mxnet, fusedres._C as c; print(c.kernel_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert int(out) == os.cpu_count()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(env, OMP_NUM_THREADS="3"), check=True).stdout
+    assert int(out) == 3

@@ -2,6 +2,7 @@
 // writes both gradients in the same sweep). NaN follows MXNet's relu: relu(NaN) = NaN, and the
 // gradient is dy * relu'(y) with relu'(NaN) = NaN.
 #include "add_relu.h"
+#include "threads.h"
 
 namespace fusedres {
 
@@ -17,6 +18,7 @@ inline T relu_grad(T dy, T y) {
 
 template <typename T>
 void add_relu_forward(int64_t n, const T* a, const T* b, T* y) {
+  const ThreadScope threads;
 #pragma omp parallel for simd schedule(static) if (n > 32768)
   for (int64_t i = 0; i < n; ++i) {
     const T s = a[i] + b[i];
@@ -26,6 +28,7 @@ void add_relu_forward(int64_t n, const T* a, const T* b, T* y) {
 
 template <typename T>
 void add_relu_backward(int64_t n, const T* dy, const T* y, T* da, T* db) {
+  const ThreadScope threads;
   if (da && db) {
 #pragma omp parallel for simd schedule(static) if (n > 32768)
     for (int64_t i = 0; i < n; ++i) {

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "isa.h"
+#include "threads.h"
 
 namespace fusedres {
 
@@ -103,6 +104,7 @@ void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, 
                                   T* running_var, double eps, double momentum,
                                   bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
                                   bool relu) {
+  const ThreadScope threads;
   if (gathers(s)) {
     const Conv1dShape g = gathered(s);
     Scratch<T> xg(g.N * g.Cin * g.L);
@@ -119,6 +121,7 @@ template <typename T>
 void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, const T* running_mean,
                                   const T* running_var, double eps, T* y, bool relu) {
+  const ThreadScope threads;
   if (gathers(s)) {
     const Conv1dShape g = gathered(s);
     Scratch<T> xg(g.N * g.Cin * g.L);
@@ -135,6 +138,7 @@ void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy
                              const T* w, const T* z, const T* gamma, const T* beta,
                              const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
                              T* dgamma, T* dbeta, bool relu) {
+  const ThreadScope threads;
   if (gathers(s)) {
     const Conv1dShape g = gathered(s);
     Scratch<T> xg(g.N * g.Cin * g.L), dxg(dx ? g.N * g.Cin * g.L : 0);

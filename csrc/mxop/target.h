@@ -4,6 +4,7 @@
 
 #include <mxnet/op_attr_types.h>
 
+#include "cpu/threads.h"
 #include "mxop/buffer_pool.h"
 
 namespace fusedres {
@@ -32,6 +33,7 @@ class Target {
     const T* src = scratch_.as<T>();
     T* dst = dst_;
     const int64_t n = n_;
+    const ThreadScope threads;
 #pragma omp parallel for simd schedule(static) if (n > 32768)
     for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
   }
