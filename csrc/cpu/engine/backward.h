@@ -1,0 +1,374 @@
+// The backward passes (named as the CUDA kernels are) and backward_impl, which runs them.
+// Part of the conv engine (conv_engine.h): compiled once per instruction set, inside that
+// translation unit's namespace, after isa_traits.h; not a header of its own.
+#pragma once
+#include <omp.h>
+
+#include "conv_tiles.h"
+
+namespace fusedres {
+namespace FUSEDRES_ISA_NS {
+namespace {
+
+// Weight-gradient tile: acc[r][v] = sum_{l in [ja, jb)} dz_r[l] * xT[(l*S + off) * CP + v*W].
+template <class V, int MR, int NV>
+FR_INLINE void dw_tile(const typename V::T* const (&dzr)[MR], const typename V::T* xT, i64 CP,
+                       i64 S, i64 ja, i64 jb, typename V::reg (&acc)[MR][NV]) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  const typename V::T* xp = xT + ja * S * CP;
+  const i64 step = S * CP;
+  for (i64 l = ja; l < jb; ++l) {
+    reg xv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xv[v] = V::load(xp + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const reg d = V::set1(dzr[r][l]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(d, xv[v], acc[r][v]);
+    }
+    xp += step;
+  }
+}
+
+template <class V, int MR, int NV>
+void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
+                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row);
+
+// MR x NV accumulator tile with MR = DMR * DNR / NV: fewer channel vectors, more rows.
+template <class V, int NV>
+void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* xT, i64 CP,
+              i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+  constexpr int MR = V::DMR * V::DNR / NV;
+  for (i64 r0 = 0; r0 < rows; r0 += MR)
+    dw_block_rows<V, MR, NV>(dz_g, Lo, r0, imin(MR, rows - r0), xT, CP, S, ja, jb, civ, dst,
+                             dst_row);
+}
+
+template <class V, int MR, int NV>
+void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr,
+                             const typename V::T* xT, i64 CP, i64 S, i64 ja, i64 jb, i64 civ,
+                             double* dst, i64 dst_row) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const T* dzr[MR];
+  for (int r = 0; r < MR; ++r) dzr[r] = dz_g + (r0 + (r < nr ? r : 0)) * Lo;
+  typename V::reg acc[MR][NV];
+  dw_tile<V, MR, NV>(dzr, xT + civ * W, CP, S, ja, jb, acc);
+  alignas(64) T tmp[MR][NV * W];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) V::store(&tmp[r][v * W], acc[r][v]);
+  for (int r = 0; r < MR; ++r) {
+    if (r >= nr) break;
+    double* d = dst + (r0 + r) * dst_row + civ * W;
+    const T* t = tmp[r];
+    for (int i = 0; i < NV * W; ++i) d[i] += double(t[i]);
+  }
+}
+
+// The backward, pass by pass as the CUDA kernels name them: bn_bwd_reduce, bn_bwd_dz,
+// conv_bwd_data, conv_bwd_weight.
+
+// Per-channel sums of what reaches the batchnorm from above.
+struct BnSums {
+  Buf<double> g, gx;  // sum(g), sum(g * xhat) over (N, Lout), g = dy * relu'(pre)
+  explicit BnSums(i64 channels) : g(channels), gx(channels) {}
+};
+
+template <typename T>
+void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma,
+                   const T* beta, const T* mean, const T* invstd, bool relu, BnSums* sums,
+                   T* dgamma, T* dbeta) {
+  using V = typename VecOf<T>::type;
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  const i64 Lo = s.Lout(), rows = s.N * s.Cout;
+  // Per row, then per channel in a fixed order (results do not depend on the thread count).
+  Buf<double> part(rows * 2);
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
+  for (i64 row = 0; row < rows; ++row) {
+    const i64 co = row % s.Cout;
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
+    const reg muv = V::set1(mean[co]), isv = V::set1(invstd[co]);
+    const T* zr = z + row * Lo;
+    const T* gr = dy + row * Lo;
+    double sg = 0, sgx = 0;
+    for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
+      const i64 l1 = imin(Lo, l0 + 1024);
+      reg s1 = V::zero(), s2 = V::zero();
+      i64 l = l0;
+      for (; l + W <= l1; l += W) {
+        const reg zv = V::load(zr + l);
+        const reg g = ch.grad(zv, V::load(gr + l));
+        s1 = V::add(s1, g);
+        s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
+      }
+      if (l < l1) {
+        const auto m = V::range(0, int(l1 - l));
+        const reg zv = V::loadm(zr + l, m);
+        // lanes past the row stay 0 (pre of a zero lane may be NaN)
+        const reg g = V::maskz(m, ch.grad(zv, V::loadm(gr + l, m)));
+        s1 = V::add(s1, g);
+        s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
+      }
+      sg += double(V::hsum(s1));
+      sgx += double(V::hsum(s2));
+    }
+    part.p[row * 2] = sg;
+    part.p[row * 2 + 1] = sgx;
+  }
+  for (i64 co = 0; co < s.Cout; ++co) {
+    double a = 0, b = 0;
+    for (i64 n = 0; n < s.N; ++n) {
+      a += part.p[(n * s.Cout + co) * 2];
+      b += part.p[(n * s.Cout + co) * 2 + 1];
+    }
+    sums->g.p[co] = a;
+    sums->gx.p[co] = b;
+    if (dgamma) dgamma[co] = static_cast<T>(b);
+    if (dbeta) dbeta[co] = static_cast<T>(a);
+  }
+}
+
+// dz = scale * g - k0 - k1 * (z - mean) (batch statistics), or scale * g (running ones); the
+// bias gradient is the sum of dz.
+template <typename T>
+void bn_bwd_dz(const Conv1dShape& s, bool batch_stats, const T* dy, const T* z, const T* gamma,
+               const T* beta, const T* mean, const T* invstd, bool relu, const BnSums& sums,
+               T* dz, T* dbias) {
+  using V = typename VecOf<T>::type;
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  const i64 Lo = s.Lout(), M = s.N * Lo, rows = s.N * s.Cout;
+  Buf<double> part(rows);
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
+  for (i64 row = 0; row < rows; ++row) {
+    const i64 co = row % s.Cout;
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
+    const T is = invstd[co], scale = gamma[co] * is;
+    const double mg = batch_stats ? sums.g.p[co] / double(M) : 0.0;
+    const double mgx = batch_stats ? sums.gx.p[co] / double(M) : 0.0;
+    const reg muv = V::set1(mean[co]), scv = V::set1(scale);
+    const reg k0 = V::set1(static_cast<T>(double(scale) * mg));
+    const reg nk1 = V::set1(static_cast<T>(-double(scale) * double(is) * mgx));
+    // With running statistics the batch terms vanish; they are left out rather than
+    // multiplied by 0, which an infinite z would turn into NaN.
+    auto dz_of = [&](reg g, reg zv) {
+      return batch_stats ? V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)))
+                         : V::mul(scv, g);
+    };
+    const T* zr = z + row * Lo;
+    const T* gr = dy + row * Lo;
+    T* dr = dz + row * Lo;
+    double sdz = 0;
+    for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
+      const i64 l1 = imin(Lo, l0 + 1024);
+      reg s1 = V::zero();
+      i64 l = l0;
+      for (; l + W <= l1; l += W) {
+        const reg zv = V::load(zr + l);
+        const reg g = ch.grad(zv, V::load(gr + l));
+        const reg d = dz_of(g, zv);
+        V::store(dr + l, d);
+        s1 = V::add(s1, d);
+      }
+      if (l < l1) {
+        const auto m = V::range(0, int(l1 - l));
+        const reg zv = V::loadm(zr + l, m);
+        const reg g = ch.grad(zv, V::loadm(gr + l, m));
+        const reg d = V::maskz(m, dz_of(g, zv));
+        V::storem(dr + l, d, m);
+        s1 = V::add(s1, d);
+      }
+      sdz += double(V::hsum(s1));
+    }
+    part.p[row] = sdz;
+  }
+  if (dbias)
+    for (i64 co = 0; co < s.Cout; ++co) {
+      double a = 0;
+      for (i64 n = 0; n < s.N; ++n) a += part.p[n * s.Cout + co];
+      dbias[co] = static_cast<T>(a);
+    }
+
+}
+
+template <typename T>
+void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const i64 Lo = s.Lout();
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, S = s.stride;
+  // conv_bwd_data: dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g outputs, one
+  // output phase at a time when stride > 1 (phase r gets the taps with
+  // (r + pad - k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
+  constexpr int MR = V::MR;
+  const i64 nph = S;
+  const i64 Lq0 = cdiv(s.L, S);
+  const Chunks ch = make_chunks(s.N, Lq0, V::NR * W, s.Cout * i64(sizeof(T)));
+  const i64 wgroup = cdiv(cin_g, MR) * MR * K * cout_g;
+  Buf<T> wt(nph * G * wgroup);
+  Buf<int> ntap(nph), tapk(nph * K);
+  for (i64 r = 0; r < nph; ++r) {
+    int nt = 0;
+    for (i64 k = 0; k < K; ++k)
+      if (fmod_pos(r + s.pad - k * s.dilation, S) == 0) tapk.p[r * K + nt++] = int(k);
+    ntap.p[r] = nt;
+    for (i64 g = 0; g < G; ++g)
+      pack_weights<V>(wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
+                      [&](i64, i64 o, i64 i, int k) {
+                        return w[((g * cout_g + i) * cin_g + o) * K + k];
+                      });
+  }
+  const i64 nunits = s.N * ch.nch;
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
+  {
+    Buf<T> tmp(S > 1 ? S * s.Cin * ch.CH : 0);
+    Tap<T> taps[64];
+    Buf<Tap<T>> taps_big(K > 64 ? K : 0);
+    Tap<T>* tp = K > 64 ? taps_big.p : taps;
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < nunits; ++u) {
+      const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH;
+      for (i64 r = 0; r < nph; ++r) {
+        const i64 Lq = r < s.L ? cdiv(s.L - r, S) : 0;
+        const i64 jb = imin(Lq, ja + ch.CH);
+        if (ja >= jb) continue;
+        const int nt = ntap.p[r];
+        for (i64 g = 0; g < G; ++g) {
+          T* out = S == 1 ? dx + (n * s.Cin + g * cin_g) * s.L
+                          : tmp.p + (r * s.Cin + g * cin_g) * ch.CH - ja;
+          const i64 ostride = S == 1 ? s.L : ch.CH;
+          if (nt == 0) {
+            for (i64 i = 0; i < cin_g; ++i)
+              for (i64 j = ja; j < jb; ++j) out[i * ostride + j] = T(0);
+            continue;
+          }
+          for (int t = 0; t < nt; ++t) {
+            const i64 k = tapk.p[r * K + t];
+            tp[t] = Tap<T>{dz + (n * s.Cout + g * cout_g) * Lo,
+                           (r + s.pad - k * s.dilation) / S, Lo};
+          }
+          ConvUnit<V> cu{tp, nt, Lo, cout_g, wt.p + (r * G + g) * wgroup, cin_g, nullptr,
+                         out, ostride, nullptr};
+          run_conv_unit<V, E_STORE>(cu, ja, jb);
+        }
+      }
+      if (S > 1) interleave(tmp.p, s.Cin, ch.CH, ja, imin(ja + ch.CH, Lq0), S, s.L,
+                            dx + n * s.Cin * s.L);
+    }
+  }
+}
+
+template <typename T>
+void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const i64 Lo = s.Lout();
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, S = s.stride;
+  // conv_bwd_weight: dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x transposed
+  // per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
+  constexpr int DNR = V::DNR;
+  const i64 CP = rup(cin_g, W);
+  const i64 offmin = -s.pad, offmax = (K - 1) * s.dilation - s.pad;
+  i64 CHw = imax(16, imin(512, (128 * 1024) / (CP * i64(sizeof(T)) * S)));
+  CHw = imin(CHw, Lo);
+  if (s.N * cdiv(Lo, CHw) < 8) CHw = imax(1, cdiv(Lo, cdiv(8, s.N)));
+  const i64 nch = cdiv(Lo, CHw), nunits = s.N * nch;
+  const i64 dst_row = K * CP;  // per co: [k][CP]
+  const int nthr = omp_get_max_threads();
+  Buf<double> acc(i64(nthr) * s.Cout * dst_row);
+  std::memset(acc.p, 0, sizeof(double) * size_t(i64(nthr) * s.Cout * dst_row));
+  const i64 xrows = (CHw - 1) * S + offmax - offmin + 1;
+  int used = 1;
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
+  {
+    const int tid = omp_get_thread_num();
+#pragma omp single
+    used = omp_get_num_threads();
+    Buf<T> xT(xrows * CP);
+    double* mine = acc.p + i64(tid) * s.Cout * dst_row;
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < nunits; ++u) {
+      const i64 n = u / nch, ja = (u % nch) * CHw, jb = imin(Lo, ja + CHw);
+      const i64 pb = ja * S + offmin, pe = (jb - 1) * S + offmax + 1;
+      for (i64 g = 0; g < G; ++g) {
+        // transpose x[n, g*cin_g + ci, p] for p in [pb, pe)
+        const T* xg = x + (n * s.Cin + g * cin_g) * s.L;
+        // blocks of 16 positions: contiguous reads per channel (a column walk over rows
+        // L apart would alias in L1 when L is a multiple of 1024 floats)
+        for (i64 p0 = pb; p0 < pe; p0 += W) {
+          const i64 p1 = imin(pe, p0 + W);
+          const i64 va = iclamp(p0, 0, s.L), vb = iclamp(p1, 0, s.L);  // valid [va, vb)
+          for (i64 p = p0; p < p1; ++p)
+            if (p < va || p >= vb)
+              for (i64 ci = 0; ci < CP; ++ci) xT.p[(p - pb) * CP + ci] = T(0);
+          i64 c0 = 0;
+          if (V::TRANSPOSE && p1 - p0 == W && va == p0 && vb == p1)
+            for (; c0 + W <= cin_g; c0 += W)
+              V::transpose(xg + c0 * s.L + p0, s.L, xT.p + (p0 - pb) * CP + c0, CP);
+          for (i64 ci = c0; ci < cin_g; ++ci) {
+            const T* src = xg + ci * s.L;
+            T* dst = xT.p + ci - pb * CP;
+            for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
+          }
+          for (i64 p = va; p < vb; ++p)
+            for (i64 ci = cin_g; ci < CP; ++ci) xT.p[(p - pb) * CP + ci] = T(0);
+        }
+        const T* dz_g = dz + (n * s.Cout + g * cout_g) * Lo;
+        double* dst_g = mine + g * cout_g * dst_row;
+        const i64 nvec = CP / W;
+        for (i64 k = 0; k < K; ++k) {
+          // xT row of position l*S + off is (l*S + off - pb); shift the base so index l*S*CP works
+          const T* xk = xT.p + (k * s.dilation - s.pad - pb) * CP;
+          double* dk = dst_g + k * CP;
+          for (i64 civ = 0; civ < nvec; civ += DNR) {
+            const i64 nv = imin(DNR, nvec - civ);
+            if (nv == DNR)
+              dw_block<V, DNR>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+            else if (DNR > 3 && nv == 3)
+              dw_block<V, (DNR > 3 ? 3 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+            else if (DNR > 2 && nv == 2)
+              dw_block<V, (DNR > 2 ? 2 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+            else
+              dw_block<V, 1>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
+          }
+        }
+      }
+    }
+  }
+  // reduce thread partials in thread order
+  const i64 total = s.Cout * dst_row;
+  for (int t = 1; t < used; ++t) {
+    const double* src = acc.p + i64(t) * total;
+    for (i64 i = 0; i < total; ++i) acc.p[i] += src[i];
+  }
+  for (i64 co = 0; co < s.Cout; ++co)
+    for (i64 ci = 0; ci < cin_g; ++ci)
+      for (i64 k = 0; k < K; ++k)
+        dw[(co * cin_g + ci) * K + k] = static_cast<T>(acc.p[co * dst_row + k * CP + ci]);
+}
+
+template <typename T>
+void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x, const T* w,
+                   const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,
+                   T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {
+  const bool need_dz = dx || dw || dbias;
+  if (!(need_dz || dgamma || dbeta)) return;
+  BnSums sums(s.Cout);
+  bn_bwd_reduce(s, dy, z, gamma, beta, mean, invstd, relu, &sums, dgamma, dbeta);
+  if (!need_dz) return;
+  T* dz = workspace<T>(s.N * s.Cout * s.Lout());
+  bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
+  if (dx) conv_bwd_data(s, dz, w, dx);
+  if (dw) conv_bwd_weight(s, dz, x, dw);
+}
+
+}  // namespace
+}  // namespace FUSEDRES_ISA_NS
+}  // namespace fusedres

@@ -1,0 +1,111 @@
+// Index helpers, buffers, the thread threshold and one channel's normalization (bn_pre, relu,
+// relu_grad, BnChannel) that forward and backward share.
+// Part of the conv engine (conv_engine.h): compiled once per instruction set, inside that
+// translation unit's namespace, after isa_traits.h; not a header of its own.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/conv1d_bn_relu.h"
+
+namespace fusedres {
+namespace FUSEDRES_ISA_NS {
+namespace {
+
+using i64 = int64_t;
+
+FR_INLINE i64 imin(i64 a, i64 b) { return a < b ? a : b; }
+FR_INLINE i64 imax(i64 a, i64 b) { return a > b ? a : b; }
+FR_INLINE i64 iclamp(i64 v, i64 lo, i64 hi) { return v < lo ? lo : (v > hi ? hi : v); }
+FR_INLINE i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }  // a >= 0, b > 0
+FR_INLINE i64 fdiv(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+FR_INLINE i64 fmod_pos(i64 a, i64 b) { return a - fdiv(a, b) * b; }
+FR_INLINE i64 rup(i64 a, i64 b) { return cdiv(a, b) * b; }
+
+// Below this much work (multiply-adds, or elements for the elementwise passes) a parallel
+// region costs more than it saves: waking the team, and on a small machine its spinning
+// threads take the cores MXNet's next operator needs. Tiny tensors run on the calling thread.
+FR_INLINE bool worth_threads(i64 work) { return work >= (i64(1) << 16); }
+
+template <typename T>
+T* alloc(i64 n) {
+  size_t bytes = size_t(imax(n, 1)) * sizeof(T);
+  bytes = (bytes + 63) / 64 * 64;
+  return static_cast<T*>(std::aligned_alloc(64, bytes));
+}
+
+// RAII buffer without any std template (see isa_traits.h for why).
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  explicit Buf(i64 n) : p(alloc<T>(n)) {}
+  Buf() = default;
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+// A grow-only scratch buffer per calling thread, so the large dz buffer of the backward is
+// not page-faulted in again on every call.
+template <typename T>
+T* workspace(i64 n) {
+  struct Cache {
+    void* p = nullptr;
+    i64 bytes = 0;
+    ~Cache() { std::free(p); }
+  };
+  static thread_local Cache c;
+  const i64 want = n * i64(sizeof(T));
+  if (want > c.bytes) {
+    std::free(c.p);
+    c.bytes = (want + 63) / 64 * 64;
+    c.p = std::aligned_alloc(64, size_t(c.bytes));
+  }
+  return static_cast<T*>(c.p);
+}
+
+// The normalization of one channel: pre = (z - mean) * a + beta with a = gamma * invstd, in
+// the order MXNet's BatchNorm computes it, so infinities and NaN come out as in the stock
+// blocks (a folded z * a + (beta - mean * a) turns an infinite a into inf - inf = NaN).
+// Forward and backward both derive the relu mask from bn_pre, so they agree bit for bit.
+template <class V>
+FR_INLINE typename V::reg bn_pre(typename V::reg z, typename V::reg mean, typename V::reg a,
+                                 typename V::reg beta) {
+  return V::fma(V::sub(z, mean), a, beta);
+}
+
+// relu(v) that keeps NaN (max returns its second operand when either is NaN), as MXNet's relu.
+template <class V>
+FR_INLINE typename V::reg relu(typename V::reg v) {
+  return V::max(V::zero(), v);
+}
+
+// dy * relu'(pre) with relu' = 1 (pre > 0), 0 (pre <= 0), NaN (pre NaN): MXNet's
+// dy * relu_grad(pre), so a NaN anywhere reaches the gradient.
+template <class V>
+FR_INLINE typename V::reg relu_grad(typename V::reg dy, typename V::reg pre) {
+  const typename V::reg d = V::maskz(V::gt0(pre), V::set1(typename V::T(1)));
+  return V::mul(dy, V::select(V::nan(pre), pre, d));
+}
+
+// One channel's normalization, broadcast to registers.
+template <class V>
+struct BnChannel {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  reg mean, a, beta;
+  bool with_relu;
+  BnChannel(T gamma_, T beta_, T mean_, T invstd_, bool with_relu_)
+      : mean(V::set1(mean_)), a(V::set1(gamma_ * invstd_)), beta(V::set1(beta_)),
+        with_relu(with_relu_) {}
+  FR_INLINE reg pre(reg z) const { return bn_pre<V>(z, mean, a, beta); }
+  FR_INLINE reg out(reg z) const { return with_relu ? relu<V>(pre(z)) : pre(z); }
+  // The gradient reaching pre: dy * relu'(pre), or dy without relu.
+  FR_INLINE reg grad(reg z, reg dy) const { return with_relu ? relu_grad<V>(dy, pre(z)) : dy; }
+};
+
+}  // namespace
+}  // namespace FUSEDRES_ISA_NS
+}  // namespace fusedres

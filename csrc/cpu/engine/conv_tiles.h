@@ -1,0 +1,341 @@
+// The convolution itself: register tiles over taps (conv_mk, conv_tile, conv_unit), weight
+// packing, output chunking, stride phases (interleave, deinterleave) and conv_forward_all.
+// Part of the conv engine (conv_engine.h): compiled once per instruction set, inside that
+// translation unit's namespace, after isa_traits.h; not a header of its own.
+#pragma once
+#include "common.h"
+
+namespace fusedres {
+namespace FUSEDRES_ISA_NS {
+namespace {
+
+// Input of one tap: element (ci, j) is base[ci * cs + j + off], valid (else zero) when
+// 0 <= j + off < len.
+template <typename T>
+struct Tap {
+  const T* base;
+  i64 off, len;
+};
+
+enum Epi { E_STORE = 0, E_STATS = 1, E_RELU = 2 };
+
+// Accumulates acc[r][v] += sum_{t, ci} wblk[t][ci][r] * tap_t(ci, j + v*W + lane).
+template <class V, int MR, int NR, bool MASKED>
+FR_INLINE void conv_mk(const Tap<typename V::T>* taps, int ntaps, i64 nci, i64 cs,
+                       const typename V::T* wblk, i64 j, typename V::reg (&acc)[MR][NR]) {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  for (int t = 0; t < ntaps; ++t) {
+    const T* p = taps[t].base + j + taps[t].off;
+    const T* w = wblk + i64(t) * nci * MR;
+    if (MASKED) {
+      typename V::mask m[NR];
+#pragma GCC unroll 8
+      for (int v = 0; v < NR; ++v) {
+        const i64 st = j + taps[t].off + i64(v) * W;
+        m[v] = V::range(int(iclamp(-st, 0, W)), int(iclamp(taps[t].len - st, 0, W)));
+      }
+      for (i64 ci = 0; ci < nci; ++ci) {
+        reg xv[NR];
+#pragma GCC unroll 8
+        for (int v = 0; v < NR; ++v) xv[v] = V::loadm(p + v * W, m[v]);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const reg wv = V::set1(w[r]);
+#pragma GCC unroll 8
+          for (int v = 0; v < NR; ++v) acc[r][v] = V::fma(wv, xv[v], acc[r][v]);
+        }
+        p += cs;
+        w += MR;
+      }
+    } else {
+      for (i64 ci = 0; ci < nci; ++ci) {
+        reg xv[NR];
+#pragma GCC unroll 8
+        for (int v = 0; v < NR; ++v) xv[v] = V::load(p + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const reg wv = V::set1(w[r]);
+#pragma GCC unroll 8
+          for (int v = 0; v < NR; ++v) acc[r][v] = V::fma(wv, xv[v], acc[r][v]);
+        }
+        p += cs;
+        w += MR;
+      }
+    }
+  }
+}
+
+// One (batch item, group, chunk [ja, jb) of output positions) of a conv, all output-channel
+// blocks. wp: packed weights [cb][tap][ci][MR] (zero rows past `rows`). out: row r of the
+// output at out + r * ostride, indexed by absolute position j. stats (E_STATS): per row
+// {shift, sum(z - shift), sum((z - shift)^2)} over [ja, jb).
+template <class V>
+struct ConvUnit {
+  using T = typename V::T;
+  const Tap<T>* taps;
+  int ntaps;
+  i64 cs, nci;
+  const T* wp;
+  i64 rows;
+  const T* bias;
+  T* out;
+  i64 ostride;
+  double* stats;
+};
+
+template <class V, int MR, int NV, int EPI>
+FR_INLINE void conv_tile(const ConvUnit<V>& u, const typename V::T* wblk, i64 r0, i64 nr,
+                         const typename V::reg (&bv)[MR], i64 j, i64 jb, bool masked,
+                         typename V::reg (&sv)[MR], typename V::reg (&qv)[MR],
+                         typename V::T (&shift)[MR], bool first) {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  reg acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = bv[r];
+  if (masked)
+    conv_mk<V, MR, NV, true>(u.taps, u.ntaps, u.nci, u.cs, wblk, j, acc);
+  else
+    conv_mk<V, MR, NV, false>(u.taps, u.ntaps, u.nci, u.cs, wblk, j, acc);
+  const i64 valid = jb - j;  // > (NV-1)*W
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= nr) break;
+    T* o = u.out + (r0 + r) * u.ostride + j;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      reg val = acc[r][v];
+      if (EPI == E_RELU) val = relu<V>(val);
+      if (valid >= i64(v + 1) * W)
+        V::store(o + v * W, val);
+      else
+        V::storem(o + v * W, val, V::range(0, int(valid - i64(v) * W)));
+    }
+    if (EPI == E_STATS) {
+      if (first) {
+        reg s = V::zero();
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const reg val = valid >= i64(v + 1) * W
+                              ? acc[r][v]
+                              : V::maskz(V::range(0, int(valid - i64(v) * W)), acc[r][v]);
+          s = V::add(s, val);
+        }
+        shift[r] = V::hsum(s) / T(imin(valid, i64(NV) * W));
+      }
+      const reg sh = V::set1(shift[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        reg d = V::sub(acc[r][v], sh);
+        if (valid < i64(v + 1) * W) d = V::maskz(V::range(0, int(valid - i64(v) * W)), d);
+        sv[r] = V::add(sv[r], d);
+        qv[r] = V::fma(d, d, qv[r]);
+      }
+    }
+  }
+}
+
+template <class V, int EPI>
+void conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  constexpr int W = V::W, MR = V::MR, NR = V::NR, TW = NR * W;
+  // Full tiles starting in [int_lo, int_hi] read no padding: plain loads.
+  i64 int_lo = ja, int_hi = jb;
+  for (int t = 0; t < u.ntaps; ++t) {
+    int_lo = imax(int_lo, -u.taps[t].off);
+    int_hi = imin(int_hi, u.taps[t].len - u.taps[t].off - TW);
+  }
+  const i64 ncb = cdiv(u.rows, MR);
+  for (i64 cb = 0; cb < ncb; ++cb) {
+    const T* wblk = u.wp + cb * u.ntaps * u.nci * MR;
+    const i64 r0 = cb * MR, nr = imin(MR, u.rows - r0);
+    reg bv[MR], sv[MR], qv[MR];
+    T shift[MR];
+    for (int r = 0; r < MR; ++r) {
+      bv[r] = V::set1(u.bias && r < nr ? u.bias[r0 + r] : T(0));
+      sv[r] = qv[r] = V::zero();
+      shift[r] = T(0);
+    }
+    bool first = true;
+    for (i64 j = ja; j < jb; j += TW) {
+      const i64 rem = jb - j;
+      if (rem >= TW) {
+        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, !(j >= int_lo && j <= int_hi), sv,
+                                  qv, shift, first);
+      } else {
+        const int nv = int(cdiv(rem, W));
+        if (NR >= 4 && nv == 3)
+          conv_tile<V, MR, (NR >= 4 ? 3 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+        else if (NR >= 3 && nv == 2)
+          conv_tile<V, MR, (NR >= 3 ? 2 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+        else if (nv == 1)
+          conv_tile<V, MR, 1, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+        else
+          conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+      }
+      first = false;
+    }
+    if (EPI == E_STATS) {
+      for (i64 r = 0; r < nr; ++r) {
+        double* st = u.stats + (r0 + r) * 3;
+        st[0] = double(shift[r]);
+        st[1] = double(V::hsum(sv[r]));
+        st[2] = double(V::hsum(qv[r]));
+      }
+    }
+  }
+}
+
+template <class V, int EPI>
+void run_conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
+  conv_unit<V, EPI>(u, ja, jb);
+}
+
+// Packs w viewed as W[g][o][i][k] (o < rows_g output rows, i < nci inputs, k over taps) into
+// [g][cb][tap][i][MR]; `get(g, o, i, k)` returns the weight.
+template <class V, typename F>
+void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk,
+                  F get) {
+  constexpr int MR = V::MR;
+  const i64 ncb = cdiv(rows, MR);
+  for (i64 g = 0; g < G; ++g)
+    for (i64 cb = 0; cb < ncb; ++cb)
+      for (int t = 0; t < ntaps; ++t)
+        for (i64 i = 0; i < nci; ++i)
+          for (int r = 0; r < MR; ++r) {
+            const i64 o = cb * MR + r;
+            *wp++ = o < rows ? get(g, o, i, tapk[t]) : typename V::T(0);
+          }
+}
+
+// Output-position chunking shared by the forward passes: a unit is (n, chunk).
+struct Chunks {
+  i64 CH, nch;
+};
+inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 bytes_per_pos) {
+  i64 CH = imax(tile, (192 * 1024 / imax(bytes_per_pos, 1)) / tile * tile);
+  CH = imin(CH, rup(Lout, tile));
+  if (N * cdiv(Lout, CH) < 8) CH = imax(tile, rup(cdiv(Lout, cdiv(8, N)), tile));
+  return Chunks{CH, cdiv(Lout, CH)};
+}
+
+// Inverse of deinterleave for positions q in [qa, qb): dst[c][q*S + r] =
+// src[(r*C + c)*ld + q - qa] where q*S + r < L.
+template <typename T>
+void interleave(const T* src, i64 C, i64 ld, i64 qa, i64 qb, i64 S, i64 L, T* dst) {
+  for (i64 c = 0; c < C; ++c) {
+    T* d = dst + c * L;
+    const i64 qfull = iclamp(L / S, qa, qb);
+    if (S == 2) {
+      const T* s0 = src + c * ld - qa;
+      const T* s1 = src + (C + c) * ld - qa;
+      for (i64 q = qa; q < qfull; ++q) {
+        d[2 * q] = s0[q];
+        d[2 * q + 1] = s1[q];
+      }
+    } else {
+      for (i64 r = 0; r < S; ++r) {
+        const T* sr = src + (r * C + c) * ld - qa;
+        for (i64 q = qa; q < qfull; ++q) d[q * S + r] = sr[q];
+      }
+    }
+    for (i64 r = 0; r < S; ++r) {
+      const T* sr = src + (r * C + c) * ld - qa;
+      for (i64 q = qfull; q < qb; ++q)
+        if (q * S + r < L) d[q * S + r] = sr[q];
+    }
+  }
+}
+
+// Splits rows src[c][0..L) into S phases: dst[(r*C + c)*ld + q - qbeg] = src[c][q*S + r]
+// (zero past L) for q in [qbeg, qend).
+template <typename T>
+void deinterleave(const T* src, i64 C, i64 L, i64 S, i64 qbeg, i64 qend, T* dst, i64 ld) {
+  for (i64 c = 0; c < C; ++c) {
+    const T* xr = src + c * L;
+    // q below qfull has every phase inside the row
+    const i64 qfull = iclamp(L / S, qbeg, qend);
+    if (S == 2) {
+      T* d0 = dst + c * ld - qbeg;
+      T* d1 = dst + (C + c) * ld - qbeg;
+      for (i64 q = qbeg; q < qfull; ++q) {
+        d0[q] = xr[2 * q];
+        d1[q] = xr[2 * q + 1];
+      }
+    } else {
+      for (i64 r = 0; r < S; ++r) {
+        T* d = dst + (r * C + c) * ld - qbeg;
+        for (i64 q = qbeg; q < qfull; ++q) d[q] = xr[q * S + r];
+      }
+    }
+    for (i64 r = 0; r < S; ++r) {
+      T* d = dst + (r * C + c) * ld - qbeg;
+      for (i64 q = qfull; q < qend; ++q) d[q] = q * S + r < L ? xr[q * S + r] : T(0);
+    }
+  }
+}
+
+// Forward conv over all units with the given epilogue. x: (N, Cin, L). wp packed per group.
+// out: (N, Cout, Lout). stats: [unit][Cout][3] for E_STATS.
+template <class V, int EPI>
+void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typename V::T* wp,
+                      const typename V::T* bias, typename V::T* out, double* stats,
+                      const Chunks& ch) {
+  using T = typename V::T;
+  const i64 Lo = s.Lout(), G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K,
+            S = s.stride;
+  const i64 wgroup = cdiv(cout_g, V::MR) * V::MR * K * cin_g;
+  const i64 nunits = s.N * ch.nch;
+  // stride > 1: phase buffer geometry
+  i64 dmin = 0, dmax = 0;
+  for (i64 k = 0; k < K; ++k) {
+    const i64 d = fdiv(k * s.dilation - s.pad, S);
+    dmin = k ? imin(dmin, d) : d;
+    dmax = k ? imax(dmax, d) : d;
+  }
+  const i64 Lq = cdiv(s.L, S);
+  const i64 Wq = ch.CH + dmax - dmin + 1;
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
+  {
+    Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
+    Tap<T> taps[64];
+    Buf<Tap<T>> taps_big(K > 64 ? K : 0);
+    Tap<T>* tp = K > 64 ? taps_big.p : taps;
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < nunits; ++u) {
+      const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
+      i64 qbeg = 0, qend = 0;
+      if (S > 1) {
+        qbeg = imax(0, ja + dmin);
+        qend = imin(Lq, jb + dmax);
+        deinterleave(x + n * s.Cin * s.L, s.Cin, s.L, S, qbeg, qend, ph.p, Wq);
+      }
+      for (i64 g = 0; g < G; ++g) {
+        for (i64 k = 0; k < K; ++k) {
+          const i64 off = k * s.dilation - s.pad;
+          if (S == 1) {
+            tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, off, s.L};
+          } else {
+            const i64 r = fmod_pos(off, S), d = fdiv(off, S);
+            const i64 len_r = r < s.L ? cdiv(s.L - r, S) : 0;
+            tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
+          }
+        }
+        ConvUnit<V> cu{tp, int(K), S == 1 ? s.L : Wq, cin_g, wp + g * wgroup, cout_g,
+                       bias ? bias + g * cout_g : nullptr, out + (n * s.Cout + g * cout_g) * Lo,
+                       Lo, stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
+        run_conv_unit<V, EPI>(cu, ja, jb);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace FUSEDRES_ISA_NS
+}  // namespace fusedres

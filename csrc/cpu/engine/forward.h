@@ -1,0 +1,140 @@
+// The forward passes: forward_train_impl (conv with batch statistics in the epilogue, then
+// normalize_relu) and forward_infer_impl (batchnorm folded into the weights when finite).
+// Part of the conv engine (conv_engine.h): compiled once per instruction set, inside that
+// translation unit's namespace, after isa_traits.h; not a header of its own.
+#pragma once
+#include "conv_tiles.h"
+
+namespace fusedres {
+namespace FUSEDRES_ISA_NS {
+namespace {
+
+template <class V>
+void pack_forward(const Conv1dShape& s, const typename V::T* w, typename V::T* wp) {
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
+  Buf<int> tk(K);
+  for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
+  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
+    return w[((g * cout_g + o) * cin_g + i) * K + k];
+  });
+}
+
+template <class V>
+i64 packed_size_forward(const Conv1dShape& s) {
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G;
+  return G * cdiv(cout_g, V::MR) * V::MR * s.K * cin_g;
+}
+
+// y = relu(bn(z)) per channel (bn(z) without relu), parallel over rows. y may be z.
+template <class V>
+void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename V::T* gamma,
+                    const typename V::T* beta, const typename V::T* mean,
+                    const typename V::T* invstd, typename V::T* y, bool relu) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const i64 Lo = s.Lout(), rows = s.N * s.Cout;
+#pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
+  for (i64 row = 0; row < rows; ++row) {
+    const i64 co = row % s.Cout;
+    const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
+    const T* zr = z + row * Lo;
+    T* yr = y + row * Lo;
+    i64 l = 0;
+    for (; l + W <= Lo; l += W) V::store(yr + l, ch.out(V::load(zr + l)));
+    if (l < Lo) {
+      const auto m = V::range(0, int(Lo - l));
+      V::storem(yr + l, ch.out(V::loadm(zr + l, m)), m);
+    }
+  }
+}
+
+template <typename T>
+void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
+                        const T* gamma, const T* beta, T* running_mean, T* running_var,
+                        double eps, double momentum, bool use_batch_stats, T* z, T* mean,
+                        T* invstd, T* y, bool relu) {
+  using V = typename VecOf<T>::type;
+  const i64 Lo = s.Lout();
+  Buf<T> wp(packed_size_forward<V>(s));
+  pack_forward<V>(s, w, wp.p);
+  const Chunks ch = make_chunks(s.N, Lo, V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
+  const i64 nunits = s.N * ch.nch;
+  if (use_batch_stats) {
+    Buf<double> st(nunits * s.Cout * 3);
+    conv_forward_all<V, E_STATS>(s, x, wp.p, bias, z, st.p, ch);
+    const double M = double(s.N) * double(Lo);
+    for (i64 co = 0; co < s.Cout; ++co) {
+      double cnt = 0, mu = 0, m2 = 0;
+      for (i64 u = 0; u < nunits; ++u) {
+        const i64 ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
+        const double nb = double(jb - ja);
+        const double* q = st.p + (u * s.Cout + co) * 3;
+        const double mb = q[0] + q[1] / nb;
+        const double m2b = q[2] - q[1] * q[1] / nb > 0 ? q[2] - q[1] * q[1] / nb : 0.0;
+        const double tot = cnt + nb, delta = mb - mu;
+        mu += delta * nb / tot;
+        m2 += m2b + delta * delta * cnt * nb / tot;
+        cnt = tot;
+      }
+      const double var = m2 / M;
+      mean[co] = static_cast<T>(mu);
+      invstd[co] = static_cast<T>(1.0 / std::sqrt(var + eps));
+      if (running_mean && running_var) {
+        running_mean[co] = static_cast<T>(momentum * running_mean[co] + (1 - momentum) * mu);
+        running_var[co] = static_cast<T>(momentum * running_var[co] + (1 - momentum) * var);
+      }
+    }
+  } else {
+    conv_forward_all<V, E_STORE>(s, x, wp.p, bias, z, nullptr, ch);
+    for (i64 co = 0; co < s.Cout; ++co) {
+      mean[co] = running_mean[co];
+      invstd[co] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[co]) + eps));
+    }
+  }
+  normalize_relu<V>(s, z, gamma, beta, mean, invstd, y, relu);
+}
+
+template <typename T>
+void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
+                        const T* gamma, const T* beta, const T* running_mean,
+                        const T* running_var, double eps, T* y, bool relu) {
+  using V = typename VecOf<T>::type;
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
+  Buf<double> scale(s.Cout);
+  Buf<T> bf(s.Cout);
+  bool finite = true;
+  for (i64 co = 0; co < s.Cout; ++co) {
+    scale.p[co] = gamma[co] / std::sqrt(static_cast<double>(running_var[co]) + eps);
+    const double b0 = bias ? bias[co] : 0.0;
+    bf.p[co] = static_cast<T>((b0 - running_mean[co]) * scale.p[co] + beta[co]);
+    finite = finite && std::isfinite(bf.p[co]);
+  }
+  Buf<T> wp(packed_size_forward<V>(s));
+  Buf<int> tk(K);
+  for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
+  pack_weights<V>(wp.p, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
+    const i64 co = g * cout_g + o;
+    const T v = static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
+    finite = finite && std::isfinite(v);
+    return v;
+  });
+  if (!finite) {
+    // A scale or folded weight that is infinite or NaN (gamma = inf, a NaN statistic, ...):
+    // fold nothing and normalize the conv output in BatchNorm's own order, which gives what
+    // the stock blocks give. running_mean/var are only read (no batch statistics).
+    Buf<T> mean(s.Cout), invstd(s.Cout);
+    forward_train_impl<T>(s, x, w, bias, gamma, beta, const_cast<T*>(running_mean),
+                          const_cast<T*>(running_var), eps, 0.0, false, y, mean.p, invstd.p, y,
+                          relu);
+    return;
+  }
+  const Chunks ch = make_chunks(s.N, s.Lout(), V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
+  if (relu)
+    conv_forward_all<V, E_RELU>(s, x, wp.p, bf.p, y, nullptr, ch);
+  else
+    conv_forward_all<V, E_STORE>(s, x, wp.p, bf.p, y, nullptr, ch);
+}
+
+}  // namespace
+}  // namespace FUSEDRES_ISA_NS
+}  // namespace fusedres
