@@ -16,7 +16,7 @@ from .reference import conv1d_out_width
 
 
 @dataclass(frozen=True)
-class ConvShape:
+class BenchShape:
     name: str
     n: int
     c: int
@@ -40,12 +40,12 @@ class ConvShape:
 
 
 SHAPES = [
-    ConvShape("reference", 32, 64, 1024, 3, pad=1),
-    ConvShape("wide-k5", 8, 256, 512, 5, pad=2),
-    ConvShape("long-stride2", 64, 32, 4096, 3, stride=2, pad=1),
-    ConvShape("pointwise-k1", 16, 128, 256, 1),
-    ConvShape("audio-k9-dil2", 4, 64, 16000, 9, pad=4, dilation=2),
-    ConvShape("tiny", 2, 8, 16, 3, pad=1),
+    BenchShape("reference", 32, 64, 1024, 3, pad=1),
+    BenchShape("wide-k5", 8, 256, 512, 5, pad=2),
+    BenchShape("long-stride2", 64, 32, 4096, 3, stride=2, pad=1),
+    BenchShape("pointwise-k1", 16, 128, 256, 1),
+    BenchShape("audio-k9-dil2", 4, 64, 16000, 9, pad=4, dilation=2),
+    BenchShape("tiny", 2, 8, 16, 3, pad=1),
 ]
 
 

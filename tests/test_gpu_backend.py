@@ -222,14 +222,14 @@ def test_add_relu(gpu, dtype, req):
 def test_outputs_not_wanted_are_not_computed(gpu):
     """req 'null' on the output (MXNet's executors ask so for outputs nobody reads): the
     CustomOps compute and write nothing."""
-    from fusedres.ops.add_relu import AddReLUProp
-    from fusedres.ops.conv1d_bn_relu import Conv1dBNReLUProp
+    from fusedres.ops.add_relu import AddReLUCustomOpProp
+    from fusedres.ops.conv1d_bn_relu import ConvBNReLUCustomOpProp
     f32 = 0  # MXNet's type id of float32, as create_operator receives it
     a, out = mx.nd.ones((2, 3)), mx.nd.full((2, 3), 5)
-    op = AddReLUProp().create_operator(mx.cpu(), [[2, 3], [2, 3]], [f32, f32])
+    op = AddReLUCustomOpProp().create_operator(mx.cpu(), [[2, 3], [2, 3]], [f32, f32])
     assert op.backend.name == "gpu"
     op.forward(True, ["null"], [a, a], [out], [])
-    prop = Conv1dBNReLUProp(kernel="3", num_filter="4")
+    prop = ConvBNReLUCustomOpProp(kernel="3", num_filter="4")
     op = prop.create_operator(mx.cpu(), [[2, 3, 8], [4, 3, 3]] + [[4]] * 3, [f32] * 5)
     x, w, c = mx.nd.ones((2, 3, 8)), mx.nd.ones((4, 3, 3)), mx.nd.ones((4,))
     y = mx.nd.full((2, 4, 6), 5)

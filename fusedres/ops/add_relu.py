@@ -9,7 +9,7 @@ from .errors import record_error
 OP_NAME = "fusedres_add_relu"
 
 
-class AddReLU(mx.operator.CustomOp):
+class AddReLUCustomOp(mx.operator.CustomOp):
     def __init__(self, backend):
         super().__init__()
         self.backend = backend
@@ -34,7 +34,7 @@ class AddReLU(mx.operator.CustomOp):
 
 
 @mx.operator.register(OP_NAME)
-class AddReLUProp(mx.operator.CustomOpProp):
+class AddReLUCustomOpProp(mx.operator.CustomOpProp):
     def __init__(self):
         super().__init__(need_top_grad=True)
 
@@ -75,4 +75,4 @@ class AddReLUProp(mx.operator.CustomOpProp):
     def create_operator(self, ctx, in_shapes, in_dtypes):
         backend = backend_for(ctx)
         check_data_dtype(backend, mx_dtype(in_dtypes[0]), "lhs")
-        return AddReLU(backend)
+        return AddReLUCustomOp(backend)

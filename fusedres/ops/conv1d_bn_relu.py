@@ -26,7 +26,7 @@ def _known(shape):
     return bool(shape) and all(d > 0 for d in shape)
 
 
-class Conv1dBNReLU(mx.operator.CustomOp):
+class ConvBNReLUCustomOp(mx.operator.CustomOp):
     def __init__(self, prop, backend):
         super().__init__()
         self.p = prop
@@ -105,7 +105,7 @@ class Conv1dBNReLU(mx.operator.CustomOp):
 
 
 @mx.operator.register(OP_NAME)
-class Conv1dBNReLUProp(mx.operator.CustomOpProp):
+class ConvBNReLUCustomOpProp(mx.operator.CustomOpProp):
     def __init__(self, **attrs):
         super().__init__(need_top_grad=True)
         # An exception raised here would escape MXNet's creator callback and crash the
@@ -189,4 +189,4 @@ class Conv1dBNReLUProp(mx.operator.CustomOpProp):
         self._raise_if_invalid()
         backend = backend_for(ctx)
         check_data_dtype(backend, mx_dtype(in_dtypes[0]), "data")
-        return Conv1dBNReLU(self, backend)
+        return ConvBNReLUCustomOp(self, backend)

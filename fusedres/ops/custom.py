@@ -22,8 +22,9 @@ from . import add_relu as _add_relu_op
 from . import conv1d_bn_relu as _conv_op
 from . import native
 
-CONV1D_BN_RELU = _conv_op.OP_NAME
-ADD_RELU = _add_relu_op.OP_NAME
+# The CustomOps' op_type (the MXNet operators' names are fusedres.ops.native's).
+CONV1D_BN_RELU_OP_TYPE = _conv_op.OP_NAME
+ADD_RELU_OP_TYPE = _add_relu_op.OP_NAME
 
 
 def needs_guard(F, x):
@@ -56,7 +57,7 @@ def conv1d_bn_relu(F, attrs, data, weight, bias, gamma, beta, running_mean, runn
         weight = _guard(F, weight, _with_name(name, "weight_plain"), parameter=True)
     args = [data, weight] + ([] if bias is None else [bias]) + [gamma, beta, running_mean,
                                                                running_var]
-    kw = dict(attrs.op_kwargs, op_type=CONV1D_BN_RELU)
+    kw = dict(attrs.op_kwargs, op_type=CONV1D_BN_RELU_OP_TYPE)
     if name is not None:
         kw["name"] = name
     y = F.Custom(*args, **kw)
@@ -68,11 +69,11 @@ def add_relu(F, lhs, rhs, name=None):
     guard = needs_guard(F, lhs)
     if guard:
         lhs, rhs = _guard(F, lhs, _with_name(name, "lhs")), _guard(F, rhs, _with_name(name, "rhs"))
-    kw = dict(op_type=ADD_RELU)
+    kw = dict(op_type=ADD_RELU_OP_TYPE)
     if name is not None:
         kw["name"] = name
     y = F.Custom(lhs, rhs, **kw)
     return _guard(F, y, _with_name(name, "out")) if guard else y
 
 
-__all__ = ["conv1d_bn_relu", "add_relu", "CONV1D_BN_RELU", "ADD_RELU"]
+__all__ = ["conv1d_bn_relu", "add_relu", "CONV1D_BN_RELU_OP_TYPE", "ADD_RELU_OP_TYPE"]
