@@ -28,6 +28,7 @@ except ImportError:  # no MXNet (a GPU machine with CuPy only): fusedres.cuda do
     _pkg.__path__ = [str(ROOT / "fusedres")]
     sys.modules["fusedres"] = _pkg
     from fusedres import cuda
+from fusedres.cuda import loader  # noqa: E402
 
 # (N, C, W, kernel): the shared table of shapes; padding keeps W.
 SHAPES = [(32, 64, 1024, 3), (64, 256, 4096, 3), (16, 512, 8192, 5)]
@@ -163,7 +164,7 @@ def main(argv=None):
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     cc = dev.compute_capability
-    cubin = cuda._cubin_for("conv1d_bn_relu", int(cc[:-1]), int(cc[-1]))
+    cubin = loader.cubin_for("conv1d_bn_relu", int(cc[:-1]), int(cc[-1]))
     kernels = (f"shipped cubin {cubin.name}" if cubin and not os.environ.get(
         "FUSEDRES_CUDA_FROM_SOURCE") else "compiled from csrc/cuda by CuPy's NVRTC")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -161,7 +161,8 @@ def cuda_target(request):
     """(name, cupy module) for each CUDA target: ("gpu", cupy) or ("emu-<schedule>", stand-in).
 
     The emulation's stand-in is `import cupy` for fusedres.cuda only while the module's tests
-    run, with fusedres.cuda's per-device caches emptied, so that nothing leaks to other tests.
+    run, with fusedres.cuda.loader's per-device caches emptied, so that nothing leaks to other
+    tests.
     """
     if request.param == "gpu":
         import cupy
@@ -169,11 +170,11 @@ def cuda_target(request):
         return
     from cuda_emu import fake_cupy
 
-    from fusedres import cuda
+    from fusedres.cuda import loader
     with fake_cupy.installed(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(fake_cupy.config, "schedule", request.param[len("emu-"):])
-        mp.setattr(cuda, "_modules", {})
-        mp.setattr(cuda, "_sm_counts", {})
+        mp.setattr(loader, "_modules", {})
+        mp.setattr(loader, "_sm_counts", {})
         yield request.param, fake_cupy
 
 

@@ -67,8 +67,8 @@ def emu(cuda_target):
 
 
 def _kernel(cp, name, code=SHUFFLES, options=("-std=c++17",)):
-    from fusedres import cuda  # the include directories the real kernels compile with
-    options = tuple(options) + tuple(f"-I{d}" for d in cuda._nvrtc_include_dirs())
+    from fusedres.cuda import loader  # the include directories the real kernels compile with
+    options = tuple(options) + tuple(f"-I{d}" for d in loader.nvrtc_include_dirs())
     return cp.RawModule(code=code, options=options).get_function(name)
 
 

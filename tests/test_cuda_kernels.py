@@ -13,6 +13,7 @@ import pytest
 from conftest import cuda_targets
 
 from fusedres import cuda, reference
+from fusedres.cuda import loader
 
 cp = None  # CuPy or the emulation's stand-in, set per target by _target
 
@@ -296,7 +297,7 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
         return (d["psum"], d["pm2"], ntiles, np.int32(m), np.int32(c), d["rm"], d["rv"],
                 d["mean"], d["invstd"], eps, np.float64(MOMENTUM), np.int32(1), update)
 
-    cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args())
+    loader.launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args())
     counts = np.array([64.0, 36.0])[:, None]
     mu = psum.astype(np.float64).sum(0) / m
     var = (pm2 + counts * (psum / counts - mu) ** 2).sum(0) / m
@@ -308,7 +309,7 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
                        (dict(ntiles=2), "argument 2 is a Python int"),
                        (dict(update=True), "argument 12 is a Python bool")]:
         with pytest.raises(TypeError, match=match):
-            cuda._launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args(**bad))
+            loader.launch("conv1d_bn_relu", "bn_fwd_finalize_f32", (c,), (256,), args(**bad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +543,7 @@ def mutant_source(tmp_path_factory):
     made = {}
     for mutation, (name, old, new) in MUTATIONS.items():
         src = made[mutation] = tmp_path_factory.mktemp("cuda_src")
-        for f in cuda.SOURCE_DIR.iterdir():
+        for f in loader.SOURCE_DIR.iterdir():
             if f.suffix in (".cu", ".cuh"):
                 (src / f.name).write_text(f.read_text())
         text = (src / name).read_text()
@@ -554,8 +555,8 @@ def mutant_source(tmp_path_factory):
         jobs = []
         with pytest.MonkeyPatch.context() as mp:
             for src in made.values():
-                mp.setattr(cuda, "SOURCE_DIR", src)
-                opts = cuda.NVRTC_OPTIONS + tuple(f"-I{d}" for d in cuda._nvrtc_include_dirs())
+                mp.setattr(loader, "SOURCE_DIR", src)
+                opts = loader.NVRTC_OPTIONS + tuple(f"-I{d}" for d in loader.nvrtc_include_dirs())
                 jobs.append(((src / "conv1d_bn_relu.cu").read_text(), opts))
         with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
             list(pool.map(lambda job: build.build(*job), jobs))
@@ -567,8 +568,8 @@ def _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks):
     On the emulation only: its schedules are deterministic, a GPU's are not."""
     if cuda_target[0] == "gpu":
         pytest.skip("mutants run on the CPU emulation of CUDA only")
-    monkeypatch.setattr(cuda, "SOURCE_DIR", mutant_source(mutation))
-    monkeypatch.setattr(cuda, "_modules", {})
+    monkeypatch.setattr(loader, "SOURCE_DIR", mutant_source(mutation))
+    monkeypatch.setattr(loader, "_modules", {})
     failed = []
     for what, check in checks:
         try:

@@ -4,12 +4,16 @@ Needs neither a GPU nor nvcc: NVRTC comes from PyPI (requirements-cuda-build.txt
 called through ctypes. CUDA 11.8 cubins load on every driver from the CUDA 11 era on, and
 sm_70 (V100) is still a target, which the machine's nvcc 13 cannot emit.
 
-    python tools/build_cubins.py [--src DIR] [--out DIR] [--arch 70 75 80 86 90] [--verbose]
+    python tools/build_cubins.py [--src DIR] [--out DIR] [--arch SM ...] [--verbose]
+    python tools/build_cubins.py --print-archs     # the default arch list, for shell scripts
 
-Exits nonzero, printing the NVRTC log, if any file fails to compile for any arch.
+The options and the default archs are fusedres/cuda/build_options.py's, loaded by path: this
+script runs in build environments without MXNet, where fusedres cannot be imported. Exits
+nonzero, printing the NVRTC log, if any file fails to compile for any arch.
 """
 import argparse
 import ctypes
+import importlib.util
 import os
 import sys
 import time
@@ -19,7 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SRC_DIR = ROOT / "csrc" / "cuda"
 OUT_DIR = ROOT / "fusedres" / "cubins"
-ARCHS = ("70", "75", "80", "86", "90")
+
+
+def _load_build_options():
+    path = ROOT / "fusedres" / "cuda" / "build_options.py"
+    spec = importlib.util.spec_from_file_location("fusedres_cuda_build_options", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_options = _load_build_options()
+ARCHS, NVRTC_OPTIONS = _options.ARCHS, _options.NVRTC_OPTIONS
 
 
 class NvrtcError(RuntimeError):
@@ -112,7 +127,7 @@ class Nvrtc:
 
 
 def compile_options(arch, include_dirs, verbose=False):
-    opts = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "-DNDEBUG"]
+    opts = [f"--gpu-architecture=sm_{arch}", *NVRTC_OPTIONS]
     opts += [f"-I{d}" for d in include_dirs]
     if verbose:
         opts.append("--ptxas-options=-v")  # register and spill counts in the log
@@ -159,10 +174,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default=str(SRC_DIR), help="directory of .cu sources")
     ap.add_argument("--out", default=str(OUT_DIR), help="output directory")
-    ap.add_argument("--arch", nargs="+", default=list(ARCHS), help="sm_XX numbers")
+    ap.add_argument("--arch", nargs="+", default=list(ARCHS),
+                    help="sm_XX numbers (default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compilations")
     ap.add_argument("--verbose", action="store_true", help="print ptxas register/spill report")
+    ap.add_argument("--print-archs", action="store_true",
+                    help="print the default arch list (space-separated) and exit")
     args = ap.parse_args(argv)
+    if args.print_archs:
+        print(" ".join(ARCHS))
+        return 0
     try:
         build(args.src, args.out, args.arch, args.verbose, args.jobs)
     except (NvrtcError, FileNotFoundError, OSError) as e:

@@ -27,7 +27,8 @@
 # Knobs (environment):
 #   PYTHON                       interpreter to build for (default python3; its version is the tag)
 #   FUSEDRES_WHEEL_PLAT          auditwheel platform (default manylinux_2_17_x86_64)
-#   FUSEDRES_CUDA_ARCHS          cubin archs, e.g. "70 75 80 86 90" (the default) or "80 90"
+#   FUSEDRES_CUDA_ARCHS          cubin archs, e.g. "80 90" (default: fusedres/cuda/build_options.py's
+#                                ARCHS, as `python tools/build_cubins.py --print-archs` prints them)
 #   FUSEDRES_NVRTC_REQUIREMENTS  requirements file for NVRTC (default requirements-cuda-build.txt,
 #                                CUDA 11.8); e.g. one naming nvidia-cuda-nvrtc-cu12 for CUDA 12
 set -euo pipefail
@@ -36,7 +37,7 @@ cd "$ROOT"
 
 PYTHON="${PYTHON:-python3}"
 PLAT="${FUSEDRES_WHEEL_PLAT:-manylinux_2_17_x86_64}"
-ARCHS="${FUSEDRES_CUDA_ARCHS:-70 75 80 86 90}"
+ARCHS="${FUSEDRES_CUDA_ARCHS:-$("$PYTHON" tools/build_cubins.py --print-archs)}"
 NVRTC_REQ="${FUSEDRES_NVRTC_REQUIREMENTS:-$ROOT/requirements-cuda-build.txt}"
 WORK="$ROOT/build/wheel"
 TOOLS="$WORK/tools-venv"

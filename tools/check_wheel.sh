@@ -9,12 +9,13 @@
 #      __init__.py, so `import fusedres` still resolves to site-packages; tests that load files
 #      by path get the installed ones); a pytest plugin fails the run unless fusedres is the
 #      installed one.
-# Knobs: PYTHON (default python3), FUSEDRES_CUDA_ARCHS (the archs the wheel was built with).
+# Knobs: PYTHON (default python3), FUSEDRES_CUDA_ARCHS (the archs the wheel was built with;
+# default: the wheel's own fusedres/cuda/build_options.py list, which wheel_smoke.py reads).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
-ARCHS="${FUSEDRES_CUDA_ARCHS:-70 75 80 86 90}"
+ARCHS="${FUSEDRES_CUDA_ARCHS:-}"
 WORK="$ROOT/build/wheel-check"
 VENV="$WORK/venv"
 t_start=$SECONDS

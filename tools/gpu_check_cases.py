@@ -23,6 +23,7 @@ except ImportError:  # no MXNet: fusedres.cuda does not need it, fusedres/__init
     _pkg.__path__ = [str(ROOT / "fusedres")]
     sys.modules["fusedres"] = _pkg
     from fusedres import cuda
+from fusedres.cuda import loader  # noqa: E402
 
 import cupy as cp  # noqa: E402
 
@@ -71,18 +72,18 @@ def add_relu_case(dt):
 def main(argv):
     if argv == ["--which-cubin"]:  # the shipped cubin fusedres.cuda loads here, if any
         cc = cp.cuda.Device().compute_capability
-        cubin = cuda._cubin_for("conv1d_bn_relu", int(cc[:-1]), int(cc[-1]))
+        cubin = loader.cubin_for("conv1d_bn_relu", int(cc[:-1]), int(cc[-1]))
         print(cubin or "")
         return 0
     cp.cuda.set_allocator(None)
     launched = set()
-    launch = cuda._launch
+    launch = loader.launch
 
     def recording(source, kernel, grid, block, args):
         launched.add(kernel)
         launch(source, kernel, grid, block, args)
 
-    cuda._launch = recording
+    loader.launch = recording  # every kernel function launches through it
     outs = []
     for dt, pt in DTYPES:
         outs += conv_case(dt, pt)

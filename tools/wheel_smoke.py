@@ -1,6 +1,7 @@
 """Checks an installed fusedres wheel (run by tools/check_wheel.sh in the wheel's venv).
 
-1. fusedres, fusedres._C and the CUDA sources/cubins come from site-packages, not a checkout;
+1. fusedres, fusedres._C, the fusedres.cuda package and the CUDA sources/cubins come from
+   site-packages, not a checkout;
 2. every cubin (csrc/cuda/<name>.cu x arch) is there, is an ELF cubin, and holds the kernels
    fusedres.cuda launches;
 3. OpenMP: MXNet (system libgomp) and fusedres (its vendored libiomp5) in one process, both
@@ -9,7 +10,8 @@
    libiomp5.so loaded first (FUSEDRES_FOREIGN_IOMP5) is shared rather than doubled;
 4. the MXNet operator library libfusedres_mxop.so loads into MXNet and trains a step.
 
-    python wheel_smoke.py ARCH [ARCH ...]      (the archs the wheel was built for)
+    python wheel_smoke.py [ARCH ...]   (the archs the wheel was built for; default: the
+                                        installed fusedres/cuda/build_options.py's list)
 """
 import os
 import re
@@ -38,6 +40,9 @@ def locations():
     print(f"fusedres {fusedres.__version__} from {os.path.dirname(fusedres.__file__)}")
     check(under_site(fusedres.__file__), f"fusedres imported from site-packages ({SITE})")
     check(under_site(_C.__file__), f"fusedres._C is the wheel's ({os.path.basename(_C.__file__)})")
+    modules = sorted(f for f in os.listdir(os.path.dirname(cuda.__file__)) if f.endswith(".py"))
+    check(under_site(cuda.__file__) and os.path.basename(cuda.__file__) == "__init__.py",
+          f"fusedres.cuda is the wheel's package ({', '.join(modules)})")
     check(under_site(cuda.SOURCE_DIR) and sorted(p.name for p in cuda.SOURCE_DIR.glob("*.cu"))
           == sorted(f"{k}.cu" for k in cuda.KERNELS),
           f"CUDA sources shipped in {cuda.SOURCE_DIR}")
@@ -56,7 +61,7 @@ def cubins(cuda, archs):
     # The loader picks the right one per compute capability (same major, minor <= device's).
     for cc, want in (((8, 9), "sm_86"), ((7, 0), "sm_70"), ((9, 0), "sm_90")):
         if want[3:] in archs:
-            got = cuda._cubin_for("conv1d_bn_relu", *cc)
+            got = cuda.loader.cubin_for("conv1d_bn_relu", *cc)
             check(got is not None and want in got.name, f"sm_{cc[0]}{cc[1]} device loads {want}")
 
 
@@ -170,7 +175,8 @@ def native_library():
 def main(archs):
     print("locations:")
     cuda = locations()
-    print("cubins:")
+    archs = archs or cuda.build_options.ARCHS
+    print(f"cubins (sm_{', sm_'.join(archs)}):")
     cubins(cuda, archs)
     print("OpenMP beside MXNet:")
     openmp()
@@ -181,4 +187,4 @@ def main(archs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["70", "75", "80", "86", "90"])
+    main(sys.argv[1:])

@@ -7,11 +7,12 @@ NDArray to run on. The emulation's device memory is host memory, so CPU NDArrays
 for GPU ones: inside ``cpu_as_gpu()``
 
 * ``import cupy`` gives the emulation's stand-in (fake_cupy), in the schedule asked for;
-* fusedres.cuda.GPU_DEVICE_TYPES also names "cpu", the one test hook in the package: CPU
-  contexts get the GPU backend (fusedres.ops.backends.backend_for), and from_mxnet views CPU
-  NDArrays through ``to_dlpack_for_read``/``to_dlpack_for_write`` and the stand-in's
-  ``from_dlpack`` (MXNet's own DLPack export, unchanged);
-* fusedres.cuda's per-device caches start empty and are restored on the way out, after
+* fusedres.cuda.GPU_DEVICE_TYPES (set in fusedres.cuda.mxnet_interop) also names "cpu", the
+  one test hook in the package: CPU contexts get the GPU backend
+  (fusedres.ops.backends.backend_for), and from_mxnet views CPU NDArrays through
+  ``to_dlpack_for_read``/``to_dlpack_for_write`` and the stand-in's ``from_dlpack`` (MXNet's
+  own DLPack export, unchanged);
+* fusedres.cuda.loader's per-device caches start empty and are restored on the way out, after
   MXNet has run every queued callback (mx.nd.waitall()), while the stand-in is still there.
 
 Everything else is the production path: the blocks and functional forms with
@@ -30,12 +31,12 @@ from . import fake_cupy
 def cpu_as_gpu(schedule="plain"):
     import mxnet as mx
 
-    from fusedres import cuda
+    from fusedres.cuda import loader, mxnet_interop
     with fake_cupy.installed(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(fake_cupy.config, "schedule", schedule)
-        mp.setattr(cuda, "_modules", {})
-        mp.setattr(cuda, "_sm_counts", {})
-        mp.setattr(cuda, "GPU_DEVICE_TYPES", cuda.GPU_DEVICE_TYPES + ("cpu",))
+        mp.setattr(loader, "_modules", {})
+        mp.setattr(loader, "_sm_counts", {})
+        mp.setattr(mxnet_interop, "GPU_DEVICE_TYPES", mxnet_interop.GPU_DEVICE_TYPES + ("cpu",))
         try:
             yield fake_cupy
         finally:
