@@ -72,10 +72,10 @@ class Results:
             m = r["medians"]
             f = m["fused"]
 
-            def ms(k):
+            def ms(k, m=m):
                 return f"{m[k] * 1e3:.3f}" if k in m else "—"
 
-            def ratio(k):
+            def ratio(k, m=m, f=f):
                 return f"{f / m[k]:.2f}" if k in m else "—"
             rate = r["work"] / f / 1e9
             pct = f"{100 * rate / peak:.0f}%" if r["unit"] == "GFLOP/s" else "—"

@@ -143,7 +143,8 @@ def bench_add_relu(C, torch, reps, dtype):
     ga, gb = np.empty_like(a), np.empty_like(a)
     f = [timeit(lambda: C.add_relu_forward(a, b, y)) for _ in range(reps + 3)][3:]
     bw = [timeit(lambda: C.add_relu_backward(dy, y, ga, gb)) for _ in range(reps + 3)][3:]
-    line = f"add_relu (32,64,1024): fwd {1e3 * np.median(f):.3f} ms  bwd(both) {1e3 * np.median(bw):.3f} ms"
+    line = (f"add_relu (32,64,1024): fwd {1e3 * np.median(f):.3f} ms  "
+            f"bwd(both) {1e3 * np.median(bw):.3f} ms")
     if torch is not None:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         tf = [timeit(lambda: torch.relu(ta + tb)) for _ in range(reps + 3)][3:]
@@ -167,7 +168,8 @@ def main():
             torch = _torch
         except ImportError:
             pass
-    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} isa={os.environ.get('FUSEDRES_CPU_ISA', 'auto')}"
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
+          f"isa={os.environ.get('FUSEDRES_CPU_ISA', 'auto')}"
           f" dtype={args.dtype} torch={'%s' % torch.__version__ if torch else 'none'}", flush=True)
     for name in args.shapes.split(","):
         bench_shape(name, SHAPES[name], C, torch, args.reps, np.dtype(args.dtype))

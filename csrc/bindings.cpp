@@ -47,11 +47,13 @@ struct Arg {
   }
   void expect(const std::vector<int64_t>& want) const {
     if (shape() != want)
-      throw py::value_error(std::string(name) + " must have shape " + shape_str(want) +
-                            ", got " + shape_str(shape()));
+      throw py::value_error(std::string(name) + " must have shape " + shape_str(want) + ", got " +
+                            shape_str(shape()));
   }
   template <typename T>
-  T* ptr() const { return static_cast<T*>(const_cast<void*>(arr.data())); }
+  T* ptr() const {
+    return static_cast<T*>(const_cast<void*>(arr.data()));
+  }
 };
 
 std::optional<Arg> opt_arg(const std::optional<py::array>& a, const char* name, bool w) {
@@ -60,7 +62,9 @@ std::optional<Arg> opt_arg(const std::optional<py::array>& a, const char* name, 
 }
 
 template <typename T>
-T* ptr_or_null(const std::optional<Arg>& a) { return a ? a->ptr<T>() : nullptr; }
+T* ptr_or_null(const std::optional<Arg>& a) {
+  return a ? a->ptr<T>() : nullptr;
+}
 
 void same_dtype(DType d, const std::vector<const Arg*>& args) {
   for (const Arg* a : args)
@@ -73,30 +77,32 @@ void require(bool ok, const std::string& msg) {
 }
 
 // Checks data and weight against the conv hyper-parameters; returns the shape they imply.
-Conv1dShape conv_shape(const Arg& x, const Arg& w, int64_t stride, int64_t pad,
-                       int64_t dilation, int64_t groups) {
-  require(x.arr.ndim() == 3, "data must be 3-D (batch, channels, width), got " +
-                                 shape_str(x.shape()));
-  require(w.arr.ndim() == 3, "weight must be 3-D (out_channels, in_channels / groups, "
-                             "kernel), got " + shape_str(w.shape()));
+Conv1dShape conv_shape(const Arg& x, const Arg& w, int64_t stride, int64_t pad, int64_t dilation,
+                       int64_t groups) {
+  require(x.arr.ndim() == 3,
+          "data must be 3-D (batch, channels, width), got " + shape_str(x.shape()));
+  require(w.arr.ndim() == 3,
+          "weight must be 3-D (out_channels, in_channels / groups, "
+          "kernel), got " +
+              shape_str(w.shape()));
   require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
   require(dilation >= 1, "dilation must be >= 1, got " + std::to_string(dilation));
   require(pad >= 0, "pad must be >= 0, got " + std::to_string(pad));
   require(groups >= 1, "groups must be >= 1, got " + std::to_string(groups));
   Conv1dShape s{x.shape()[0], x.shape()[1], x.shape()[2], w.shape()[0], w.shape()[2],
-                stride, pad, dilation, groups};
-  require(s.N > 0 && s.Cin > 0 && s.L > 0, "data must have no zero-size dimension, got " +
-                                               shape_str(x.shape()));
-  require(s.Cout > 0 && s.K > 0, "weight must have no zero-size dimension, got " +
-                                     shape_str(w.shape()));
+                stride,       pad,          dilation,     groups};
+  require(s.N > 0 && s.Cin > 0 && s.L > 0,
+          "data must have no zero-size dimension, got " + shape_str(x.shape()));
+  require(s.Cout > 0 && s.K > 0,
+          "weight must have no zero-size dimension, got " + shape_str(w.shape()));
   require(s.Cin % groups == 0, "groups (" + std::to_string(groups) +
                                    ") must divide data's channels (" + std::to_string(s.Cin) + ")");
   require(s.Cout % groups == 0, "groups (" + std::to_string(groups) +
                                     ") must divide weight's out_channels (" +
                                     std::to_string(s.Cout) + ")");
-  require(w.shape()[1] == s.Cin / groups,
-          "weight's in_channels (" + std::to_string(w.shape()[1]) +
-              ") must equal data's channels / groups (" + std::to_string(s.Cin / groups) + ")");
+  require(w.shape()[1] == s.Cin / groups, "weight's in_channels (" + std::to_string(w.shape()[1]) +
+                                              ") must equal data's channels / groups (" +
+                                              std::to_string(s.Cin / groups) + ")");
   require(s.L + 2 * pad >= dilation * (s.K - 1) + 1,
           "kernel (dilated extent " + std::to_string(dilation * (s.K - 1) + 1) +
               ") is larger than the padded width (" + std::to_string(s.L + 2 * pad) + ")");
@@ -107,8 +113,8 @@ std::vector<int64_t> out_shape(const Conv1dShape& s) { return {s.N, s.Cout, s.Lo
 
 void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
                    py::array beta_, py::array rmean_, py::array rvar_, py::array z_,
-                   py::array mean_, py::array invstd_, py::array y_, int64_t stride,
-                   int64_t pad, int64_t dilation, int64_t groups, double eps, double momentum,
+                   py::array mean_, py::array invstd_, py::array y_, int64_t stride, int64_t pad,
+                   int64_t dilation, int64_t groups, double eps, double momentum,
                    bool use_batch_stats, bool update_running, bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
       beta(beta_, "beta", false), rmean(rmean_, "running_mean", update_running),
@@ -116,7 +122,8 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
       mean(mean_, "saved mean", true), invstd(invstd_, "saved invstd", true), y(y_, "output", true);
   auto bias = opt_arg(bias_, "bias", false);
   const DType d = x.dtype();
-  same_dtype(d, {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &z, &mean, &invstd, &y});
+  same_dtype(d,
+             {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &z, &mean, &invstd, &y});
   const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
   for (const Arg* a : {bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &mean, &invstd})
     if (a) a->expect({s.Cout});
@@ -129,18 +136,18 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
     fusedres::conv1d_bn_relu_forward_train<T>(
         s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias), gamma.ptr<T>(), beta.ptr<T>(),
         keep_running ? rmean.ptr<T>() : nullptr, keep_running ? rvar.ptr<T>() : nullptr, eps,
-        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>(),
-        relu);
+        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>(), relu);
   };
   py::gil_scoped_release release;
-  if (d == DType::f32) run(float{});
-  else run(double{});
+  if (d == DType::f32)
+    run(float{});
+  else
+    run(double{});
 }
 
 void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
-                   py::array beta_, py::array rmean_, py::array rvar_, py::array y_,
-                   int64_t stride, int64_t pad, int64_t dilation, int64_t groups, double eps,
-                   bool relu) {
+                   py::array beta_, py::array rmean_, py::array rvar_, py::array y_, int64_t stride,
+                   int64_t pad, int64_t dilation, int64_t groups, double eps, bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
       beta(beta_, "beta", false), rmean(rmean_, "running_mean", false),
       rvar(rvar_, "running_var", false), y(y_, "output", true);
@@ -159,8 +166,10 @@ void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, p
                                               rvar.ptr<T>(), eps, y.ptr<T>(), relu);
   };
   py::gil_scoped_release release;
-  if (d == DType::f32) run(float{});
-  else run(double{});
+  if (d == DType::f32)
+    run(float{});
+  else
+    run(double{});
 }
 
 void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array gamma_,
@@ -176,8 +185,8 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
        dbeta = opt_arg(dbeta_, "beta_grad", true);
   const DType d = x.dtype();
   auto p = [](std::optional<Arg>& a) -> Arg* { return a ? &*a : nullptr; };
-  same_dtype(d, {&dy, &w, &z, &gamma, &beta, &mean, &invstd, p(dx), p(dw), p(dbias), p(dgamma),
-                 p(dbeta)});
+  same_dtype(
+      d, {&dy, &w, &z, &gamma, &beta, &mean, &invstd, p(dx), p(dw), p(dbias), p(dgamma), p(dbeta)});
   const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
   dy.expect(out_shape(s));
   z.expect(out_shape(s));
@@ -193,8 +202,10 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
         ptr_or_null<T>(dbias), ptr_or_null<T>(dgamma), ptr_or_null<T>(dbeta), relu);
   };
   py::gil_scoped_release release;
-  if (d == DType::f32) run(float{});
-  else run(double{});
+  if (d == DType::f32)
+    run(float{});
+  else
+    run(double{});
 }
 
 void add_relu_fwd(py::array a_, py::array b_, py::array y_) {
@@ -206,8 +217,10 @@ void add_relu_fwd(py::array a_, py::array b_, py::array y_) {
   y.expect(a.shape());
   const int64_t n = a.arr.size();
   py::gil_scoped_release release;
-  if (d == DType::f32) fusedres::add_relu_forward<float>(n, a.ptr<float>(), b.ptr<float>(), y.ptr<float>());
-  else fusedres::add_relu_forward<double>(n, a.ptr<double>(), b.ptr<double>(), y.ptr<double>());
+  if (d == DType::f32)
+    fusedres::add_relu_forward<float>(n, a.ptr<float>(), b.ptr<float>(), y.ptr<float>());
+  else
+    fusedres::add_relu_forward<double>(n, a.ptr<double>(), b.ptr<double>(), y.ptr<double>());
 }
 
 void add_relu_bwd(py::array dy_, py::array y_, std::optional<py::array> da_,
@@ -238,10 +251,10 @@ PYBIND11_MODULE(_C, m) {
         "(whatever OpenMP default MXNet gave the calling thread)");
   m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
-        py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"),
-        py::arg("out"), py::arg("stride"), py::arg("pad"), py::arg("dilation"),
-        py::arg("groups"), py::arg("eps"), py::arg("momentum"), py::arg("use_batch_stats"),
-        py::arg("update_running"), py::arg("relu") = true,
+        py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"), py::arg("out"),
+        py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("groups"), py::arg("eps"),
+        py::arg("momentum"), py::arg("use_batch_stats"), py::arg("update_running"),
+        py::arg("relu") = true,
         "Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward; "
         "relu=False leaves out the relu.");
   m.def("conv1d_bn_relu_forward_infer", &forward_infer, py::arg("data"), py::arg("weight"),

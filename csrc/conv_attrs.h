@@ -36,10 +36,11 @@ inline std::string num_str(double v) {
 }
 
 inline std::string conv_int_error(const char* name, int64_t v, int64_t lo) {
-  if (v < lo) return std::string(name) + " must be >= " + std::to_string(lo) + ", got " +
-                     std::to_string(v);
-  if (v > kMaxExtent) return std::string(name) + " must be <= " + std::to_string(kMaxExtent) +
-                             ", got " + std::to_string(v);
+  if (v < lo)
+    return std::string(name) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v);
+  if (v > kMaxExtent)
+    return std::string(name) + " must be <= " + std::to_string(kMaxExtent) + ", got " +
+           std::to_string(v);
   return "";
 }
 
@@ -96,8 +97,7 @@ inline std::string check_conv_data(const ConvAttrs& a, int64_t n, int64_t c, int
 }
 
 inline Conv1dShape conv_shape(const ConvAttrs& a, int64_t n, int64_t c, int64_t width) {
-  return Conv1dShape{n, c, width, a.num_filter, a.kernel, a.stride, a.pad, a.dilate,
-                     a.num_group};
+  return Conv1dShape{n, c, width, a.num_filter, a.kernel, a.stride, a.pad, a.dilate, a.num_group};
 }
 
 }  // namespace fusedres

@@ -3,8 +3,8 @@
 Each ``Conv1D -> BatchNorm -> relu`` run becomes one ``ConvBNReLU1D``, and each
 ``Conv1D -> BatchNorm`` not followed by a relu (a residual body's last conv, a projection
 shortcut) one ``ConvBN1D``, holding the very ``Parameter`` objects of the blocks it replaces
-(values, running statistics, names, grad_req, lr/wd multipliers, sharing, dtype, context). Both also take the stock pair off MXNet 1.9.1's
-crashing MKLDNN BatchNorm backward. Runs are
+(values, running statistics, names, grad_req, lr/wd multipliers, sharing, dtype, context).
+Both also take the stock pair off MXNet 1.9.1's crashing MKLDNN BatchNorm backward. Runs are
 found in ``Sequential``/``HybridSequential`` containers by position, and among the children of
 custom Blocks by tracing one forward pass (``sample=``), since their ``forward`` code is not
 visible. What was fused and what was left, and why, comes back as a ``FuseReport``.

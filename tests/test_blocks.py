@@ -213,7 +213,8 @@ def test_seed_cnn1d_crashes_stock_but_trains_fused():
                            text=True, env=env, timeout=120)
     assert stock.returncode != 0 and "is_view" in stock.stderr, (
         "stock MXNet 1.9.1 Conv1D+BatchNorm with 64 channels was expected to crash in "
-        f"backward (docs/mxnet-facts.md); rc={stock.returncode}\n{stock.stdout}\n{stock.stderr[-2000:]}")
+        f"backward (docs/mxnet-facts.md); rc={stock.returncode}\n{stock.stdout}\n"
+        f"{stock.stderr[-2000:]}")
 
     net = SeedCNN1D(64, 3, padding=1)
     net.initialize()

@@ -12,7 +12,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import (CONV_CASES, GRAD_NAMES, assert_close, conv_inputs, reference_step)
+from conftest import CONV_CASES, GRAD_NAMES, assert_close, conv_inputs, reference_step
 from mxnet import autograd
 
 import fusedres

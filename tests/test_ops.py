@@ -7,8 +7,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 from conftest import (CONV_CASES, GRAD_NAMES, TOL, assert_close, assert_step, away_from_kink,
-                      conv_inputs,
-                      nd_inputs, reference_step, run_step)
+                      conv_inputs, nd_inputs, reference_step, run_step)
 from mxnet import autograd
 from mxnet.test_utils import check_numeric_gradient
 

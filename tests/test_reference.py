@@ -17,7 +17,8 @@ What MXNet does, as measured here (MXNet 1.9.1 CPU wheel, MKLDNN compiled in):
   test_mxnet_running_var_is_biased. The update happens in backward.
 * BatchNormParam.momentum is a C++ *float*: momentum=0.9 is used as float32(0.9) =
   0.89999997615..., so after one step the running stats differ from the float64 formula with
-  0.9 by 1e-8 to 1e-7 relative. The reference is therefore given MOMENTUM = float(np.float32(0.9)) when
+  0.9 by 1e-8 to 1e-7 relative. The reference is therefore given
+  MOMENTUM = float(np.float32(0.9)) when
   compared at float64 precision (a fused op should do the same to match MXNet bit-for-bit-ish).
   eps is a C++ double and needs no such care.
 * autograd.record(train_mode=False) followed by y.backward() (whose train_mode defaults to True)

@@ -25,17 +25,26 @@ CpuIsa cpu_isa() {
   const char* want = std::getenv("FUSEDRES_CPU_ISA");
   if (!want || !*want) return best;
   CpuIsa w = best;
-  if (!std::strcmp(want, "generic")) w = CpuIsa::generic;
-  else if (!std::strcmp(want, "avx2")) w = CpuIsa::avx2;
-  else if (!std::strcmp(want, "avx512")) w = CpuIsa::avx512;
+  if (!std::strcmp(want, "generic"))
+    w = CpuIsa::generic;
+  else if (!std::strcmp(want, "avx2"))
+    w = CpuIsa::avx2;
+  else if (!std::strcmp(want, "avx512"))
+    w = CpuIsa::avx512;
   return static_cast<int>(w) < static_cast<int>(best) ? w : best;
 }
 
-#define FUSEDRES_DISPATCH(call)                   \
-  switch (cpu_isa()) {                            \
-    case CpuIsa::avx512: isa_avx512::call; break; \
-    case CpuIsa::avx2: isa_avx2::call; break;     \
-    default: isa_generic::call; break;            \
+#define FUSEDRES_DISPATCH(call) \
+  switch (cpu_isa()) {          \
+    case CpuIsa::avx512:        \
+      isa_avx512::call;         \
+      break;                    \
+    case CpuIsa::avx2:          \
+      isa_avx2::call;           \
+      break;                    \
+    default:                    \
+      isa_generic::call;        \
+      break;                    \
   }
 
 namespace {
@@ -57,7 +66,8 @@ Conv1dShape gathered(const Conv1dShape& s) {
 template <typename T>
 struct Scratch {
   T* p;
-  explicit Scratch(int64_t n) : p(static_cast<T*>(std::malloc(size_t(n > 0 ? n : 1) * sizeof(T)))) {}
+  explicit Scratch(int64_t n)
+      : p(static_cast<T*>(std::malloc(size_t(n > 0 ? n : 1) * sizeof(T)))) {}
   ~Scratch() { std::free(p); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -100,18 +110,16 @@ void scatter_windows(const Conv1dShape& s, const T* dxg, T* dx) {
 
 template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
-                                  const T* gamma, const T* beta, T* running_mean,
-                                  T* running_var, double eps, double momentum,
-                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
-                                  bool relu) {
+                                  const T* gamma, const T* beta, T* running_mean, T* running_var,
+                                  double eps, double momentum, bool use_batch_stats, T* z, T* mean,
+                                  T* invstd, T* y, bool relu) {
   const ThreadScope threads;
   if (gathers(s)) {
     const Conv1dShape g = gathered(s);
     Scratch<T> xg(g.N * g.Cin * g.L);
     gather_windows(s, x, xg.p);
-    return conv1d_bn_relu_forward_train(g, xg.p, w, bias, gamma, beta, running_mean,
-                                        running_var, eps, momentum, use_batch_stats, z, mean,
-                                        invstd, y, relu);
+    return conv1d_bn_relu_forward_train(g, xg.p, w, bias, gamma, beta, running_mean, running_var,
+                                        eps, momentum, use_batch_stats, z, mean, invstd, y, relu);
   }
   FUSEDRES_DISPATCH(forward_train(s, x, w, bias, gamma, beta, running_mean, running_var, eps,
                                   momentum, use_batch_stats, z, mean, invstd, y, relu))
@@ -126,8 +134,8 @@ void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, 
     const Conv1dShape g = gathered(s);
     Scratch<T> xg(g.N * g.Cin * g.L);
     gather_windows(s, x, xg.p);
-    return conv1d_bn_relu_forward_infer(g, xg.p, w, bias, gamma, beta, running_mean,
-                                        running_var, eps, y, relu);
+    return conv1d_bn_relu_forward_infer(g, xg.p, w, bias, gamma, beta, running_mean, running_var,
+                                        eps, y, relu);
   }
   FUSEDRES_DISPATCH(
       forward_infer(s, x, w, bias, gamma, beta, running_mean, running_var, eps, y, relu))
@@ -135,9 +143,9 @@ void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, 
 
 template <typename T>
 void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x,
-                             const T* w, const T* z, const T* gamma, const T* beta,
-                             const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
-                             T* dgamma, T* dbeta, bool relu) {
+                             const T* w, const T* z, const T* gamma, const T* beta, const T* mean,
+                             const T* invstd, T* dx, T* dw, T* dbias, T* dgamma, T* dbeta,
+                             bool relu) {
   const ThreadScope threads;
   if (gathers(s)) {
     const Conv1dShape g = gathered(s);
@@ -148,20 +156,20 @@ void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy
     if (dx) scatter_windows(s, dxg.p, dx);
     return;
   }
-  FUSEDRES_DISPATCH(backward(s, batch_stats, dy, x, w, z, gamma, beta, mean, invstd, dx, dw,
-                             dbias, dgamma, dbeta, relu))
+  FUSEDRES_DISPATCH(backward(s, batch_stats, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias,
+                             dgamma, dbeta, relu))
 }
 
-#define FUSEDRES_INSTANTIATE(T)                                                              \
-  template void conv1d_bn_relu_forward_train<T>(const Conv1dShape&, const T*, const T*,      \
-                                                const T*, const T*, const T*, T*, T*, double, \
-                                                double, bool, T*, T*, T*, T*, bool);         \
-  template void conv1d_bn_relu_forward_infer<T>(const Conv1dShape&, const T*, const T*,      \
-                                                const T*, const T*, const T*, const T*,      \
-                                                const T*, double, T*, bool);                 \
-  template void conv1d_bn_relu_backward<T>(const Conv1dShape&, bool, const T*, const T*,     \
-                                           const T*, const T*, const T*, const T*, const T*, \
-                                           const T*, T*, T*, T*, T*, T*, bool);
+#define FUSEDRES_INSTANTIATE(T)                                                                    \
+  template void conv1d_bn_relu_forward_train<T>(const Conv1dShape&, const T*, const T*, const T*,  \
+                                                const T*, const T*, T*, T*, double, double, bool,  \
+                                                T*, T*, T*, T*, bool);                             \
+  template void conv1d_bn_relu_forward_infer<T>(const Conv1dShape&, const T*, const T*, const T*,  \
+                                                const T*, const T*, const T*, const T*, double,    \
+                                                T*, bool);                                         \
+  template void conv1d_bn_relu_backward<T>(const Conv1dShape&, bool, const T*, const T*, const T*, \
+                                           const T*, const T*, const T*, const T*, const T*, T*,   \
+                                           T*, T*, T*, T*, bool);
 FUSEDRES_INSTANTIATE(float)
 FUSEDRES_INSTANTIATE(double)
 

@@ -6,8 +6,8 @@
 namespace fusedres {
 
 struct Conv1dShape {
-  int64_t N, Cin, L;       // data (N, Cin, L)
-  int64_t Cout, K;         // weight (Cout, Cin / groups, K)
+  int64_t N, Cin, L;  // data (N, Cin, L)
+  int64_t Cout, K;    // weight (Cout, Cin / groups, K)
   int64_t stride, pad, dilation, groups;
   int64_t Lout() const { return (L + 2 * pad - dilation * (K - 1) - 1) / stride + 1; }
 };
@@ -23,10 +23,9 @@ struct Conv1dShape {
 //   Otherwise normalize with running_mean/running_var (use_global_stats) and leave them alone.
 template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
-                                  const T* gamma, const T* beta, T* running_mean,
-                                  T* running_var, double eps, double momentum,
-                                  bool use_batch_stats, T* z, T* mean, T* invstd, T* y,
-                                  bool relu = true);
+                                  const T* gamma, const T* beta, T* running_mean, T* running_var,
+                                  double eps, double momentum, bool use_batch_stats, T* z, T* mean,
+                                  T* invstd, T* y, bool relu = true);
 
 // Inference forward: batchnorm folded into the conv weights, relu in the epilogue, one pass.
 template <typename T>
@@ -39,8 +38,8 @@ void conv1d_bn_relu_forward_infer(const Conv1dShape& s, const T* x, const T* w, 
 // mean and variance too.
 template <typename T>
 void conv1d_bn_relu_backward(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x,
-                             const T* w, const T* z, const T* gamma, const T* beta,
-                             const T* mean, const T* invstd, T* dx, T* dw, T* dbias,
-                             T* dgamma, T* dbeta, bool relu = true);
+                             const T* w, const T* z, const T* gamma, const T* beta, const T* mean,
+                             const T* invstd, T* dx, T* dw, T* dbias, T* dgamma, T* dbeta,
+                             bool relu = true);
 
 }  // namespace fusedres

@@ -28,23 +28,22 @@
 namespace fusedres {
 namespace FUSEDRES_ISA_NS {
 
-#define FUSEDRES_ISA_DEFINE(T)                                                                \
-  void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,              \
-                     const T* gamma, const T* beta, T* rm, T* rv, double eps, double mom,      \
-                     bool ubs, T* z, T* mean, T* invstd, T* y, bool relu) {                     \
-    forward_train_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd,  \
-                          y, relu);                                                             \
-  }                                                                                             \
-  void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,              \
-                     const T* gamma, const T* beta, const T* rm, const T* rv, double eps,      \
-                     T* y, bool relu) {                                                         \
-    forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                    \
-  }                                                                                             \
-  void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w,            \
-                const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,     \
-                T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {                       \
-    backward_impl<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma,      \
-                     dbeta, relu);                                                              \
+#define FUSEDRES_ISA_DEFINE(T)                                                                     \
+  void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
+                     const T* beta, T* rm, T* rv, double eps, double mom, bool ubs, T* z, T* mean, \
+                     T* invstd, T* y, bool relu) {                                                 \
+    forward_train_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd, y,   \
+                          relu);                                                                   \
+  }                                                                                                \
+  void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
+                     const T* beta, const T* rm, const T* rv, double eps, T* y, bool relu) {       \
+    forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                       \
+  }                                                                                                \
+  void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w, const T* z,    \
+                const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx, T* dw,       \
+                T* dbias, T* dgamma, T* dbeta, bool relu) {                                        \
+    backward_impl<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma, dbeta,  \
+                     relu);                                                                        \
   }
 
 FUSEDRES_ISA_DEFINE(float)

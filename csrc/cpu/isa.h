@@ -12,16 +12,15 @@ enum class CpuIsa { generic = 0, avx2 = 1, avx512 = 2 };
 // FUSEDRES_CPU_ISA=generic|avx2|avx512 (read on every call; for tests and comparisons).
 CpuIsa cpu_isa();
 
-#define FUSEDRES_ISA_DECLARE_T(T)                                                             \
-  void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,            \
-                     const T* gamma, const T* beta, T* rm, T* rv, double eps, double mom,    \
-                     bool ubs, T* z, T* mean, T* invstd, T* y, bool relu);                    \
-  void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias,            \
-                     const T* gamma, const T* beta, const T* rm, const T* rv, double eps,    \
-                     T* y, bool relu);                                                        \
-  void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w,          \
-                const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,   \
-                T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu);
+#define FUSEDRES_ISA_DECLARE_T(T)                                                                  \
+  void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
+                     const T* beta, T* rm, T* rv, double eps, double mom, bool ubs, T* z, T* mean, \
+                     T* invstd, T* y, bool relu);                                                  \
+  void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
+                     const T* beta, const T* rm, const T* rv, double eps, T* y, bool relu);        \
+  void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w, const T* z,    \
+                const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx, T* dw,       \
+                T* dbias, T* dgamma, T* dbeta, bool relu);
 #define FUSEDRES_ISA_DECLARE(NS) \
   namespace NS {                 \
   FUSEDRES_ISA_DECLARE_T(float)  \

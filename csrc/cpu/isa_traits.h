@@ -125,8 +125,12 @@ struct VF {
     return _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(lo - 1)),
                             _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), iota));
   }
-  static FR_INLINE mask gt0(reg v) { return _mm256_castps_si256(_mm256_cmp_ps(v, zero(), _CMP_GT_OQ)); }
-  static FR_INLINE mask nan(reg v) { return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+  static FR_INLINE mask gt0(reg v) {
+    return _mm256_castps_si256(_mm256_cmp_ps(v, zero(), _CMP_GT_OQ));
+  }
+  static FR_INLINE mask nan(reg v) {
+    return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   static FR_INLINE reg select(mask m, reg a, reg b) {
     return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m));
   }
@@ -179,8 +183,12 @@ struct VD {
     return _mm256_and_si256(_mm256_cmpgt_epi64(iota, _mm256_set1_epi64x(lo - 1)),
                             _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), iota));
   }
-  static FR_INLINE mask gt0(reg v) { return _mm256_castpd_si256(_mm256_cmp_pd(v, zero(), _CMP_GT_OQ)); }
-  static FR_INLINE mask nan(reg v) { return _mm256_castpd_si256(_mm256_cmp_pd(v, v, _CMP_UNORD_Q)); }
+  static FR_INLINE mask gt0(reg v) {
+    return _mm256_castpd_si256(_mm256_cmp_pd(v, zero(), _CMP_GT_OQ));
+  }
+  static FR_INLINE mask nan(reg v) {
+    return _mm256_castpd_si256(_mm256_cmp_pd(v, v, _CMP_UNORD_Q));
+  }
   static FR_INLINE reg select(mask m, reg a, reg b) {
     return _mm256_blendv_pd(b, a, _mm256_castsi256_pd(m));
   }
@@ -188,7 +196,8 @@ struct VD {
   static FR_INLINE T hsum(reg v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-  }  static constexpr bool TRANSPOSE = false;
+  }
+  static constexpr bool TRANSPOSE = false;
   static FR_INLINE void transpose(const T*, int64_t, T*, int64_t) {}
 };
 #else
@@ -204,7 +213,9 @@ struct VScalar {
   static FR_INLINE reg load(const T* p) { return *p; }
   static FR_INLINE reg loadm(const T* p, mask m) { return m ? *p : T(0); }
   static FR_INLINE void store(T* p, reg v) { *p = v; }
-  static FR_INLINE void storem(T* p, reg v, mask m) { if (m) *p = v; }
+  static FR_INLINE void storem(T* p, reg v, mask m) {
+    if (m) *p = v;
+  }
   static FR_INLINE reg fma(reg a, reg b, reg c) { return a * b + c; }  // -ffp-contract=off
   static FR_INLINE reg add(reg a, reg b) { return a + b; }
   static FR_INLINE reg sub(reg a, reg b) { return a - b; }
@@ -224,9 +235,16 @@ using VF = VScalar<float>;
 using VD = VScalar<double>;
 #endif
 
-template <typename T> struct VecOf;
-template <> struct VecOf<float> { using type = VF; };
-template <> struct VecOf<double> { using type = VD; };
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = VF;
+};
+template <>
+struct VecOf<double> {
+  using type = VD;
+};
 
 }  // namespace
 }  // namespace FUSEDRES_ISA_NS

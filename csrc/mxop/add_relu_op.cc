@@ -37,8 +37,8 @@ bool add_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
   for (int i = 0; i < 2; ++i) {
     const mxnet::TShape& s = (*in)[i];
     if (mxnet::shape_is_known(s) && s.Size() == 0)
-      fail("ValueError", std::string(names[i]) + " must have no zero-size dimension, got shape " +
-                             shape_str(s));
+      fail("ValueError",
+           std::string(names[i]) + " must have no zero-size dimension, got shape " + shape_str(s));
   }
   const bool lk = mxnet::shape_is_known(lhs), rk = mxnet::shape_is_known(rhs);
   if (lk && rk && lhs != rhs)
@@ -66,8 +66,8 @@ void add_forward(const nnvm::NodeAttrs&, const OpContext&, const BlobVec& in, co
     using T = decltype(tag);
     Target<T> y(out[0], req[0]);
     if (!y.ptr()) return;
-    fusedres::add_relu_forward<T>(int64_t(in[0].shape_.Size()), in[0].dptr<T>(),
-                                  in[1].dptr<T>(), y.ptr());
+    fusedres::add_relu_forward<T>(int64_t(in[0].shape_.Size()), in[0].dptr<T>(), in[1].dptr<T>(),
+                                  y.ptr());
     y.commit();
   });
 }
@@ -78,8 +78,8 @@ void add_backward(const nnvm::NodeAttrs&, const OpContext&, const BlobVec& in, c
   by_dtype(in[0].type_flag_, [&](auto tag) {
     using T = decltype(tag);
     Target<T> da(out[0], req[0]), db(out[1], req[1]);
-    fusedres::add_relu_backward<T>(int64_t(in[0].shape_.Size()), in[0].dptr<T>(),
-                                   in[1].dptr<T>(), da.ptr(), db.ptr());
+    fusedres::add_relu_backward<T>(int64_t(in[0].shape_.Size()), in[0].dptr<T>(), in[1].dptr<T>(),
+                                   da.ptr(), db.ptr());
     da.commit();
     db.commit();
   });

@@ -20,8 +20,7 @@ std::string strip(const std::string& s) {
 }
 
 // An int, or a 1-tuple/list of one int, as Python's str() writes them ("3", "(3,)", "[3]").
-int64_t parse_int(const nnvm::NodeAttrs& attrs, const char* name, bool required,
-                  int64_t fallback) {
+int64_t parse_int(const nnvm::NodeAttrs& attrs, const char* name, bool required, int64_t fallback) {
   const std::string* raw = find_attr(attrs, name);
   if (raw == nullptr) {
     if (required) fail("ValueError", std::string(name) + " is required");
@@ -42,8 +41,8 @@ int64_t parse_int(const nnvm::NodeAttrs& attrs, const char* name, bool required,
   try {
     v = std::stoll(s, &pos);
   } catch (const std::out_of_range&) {
-    fail("ValueError", std::string(name) + " must be <= " + std::to_string(kMaxExtent) +
-                           ", got " + *raw);
+    fail("ValueError",
+         std::string(name) + " must be <= " + std::to_string(kMaxExtent) + ", got " + *raw);
   } catch (const std::exception&) {
     pos = 0;
   }
@@ -92,13 +91,15 @@ void check_known_attrs(const nnvm::NodeAttrs& attrs, const std::vector<std::stri
     if (kv.first.compare(0, 2, "__") == 0) continue;
     bool ok = false;
     for (const auto& k : known) ok = ok || kv.first == k;
-    if (!ok) fail("ValueError", std::string(op) + " got an unexpected attribute '" + kv.first + "'");
+    if (!ok)
+      fail("ValueError", std::string(op) + " got an unexpected attribute '" + kv.first + "'");
   }
 }
 
 ConvAttrs parse_conv_attrs(const nnvm::NodeAttrs& attrs) {
-  check_known_attrs(attrs, {"kernel", "num_filter", "stride", "pad", "dilate", "num_group",
-                            "no_bias", "eps", "momentum", "use_global_stats", "relu"},
+  check_known_attrs(attrs,
+                    {"kernel", "num_filter", "stride", "pad", "dilate", "num_group", "no_bias",
+                     "eps", "momentum", "use_global_stats", "relu"},
                     "_fusedres_conv1d_bn_relu");
   ConvAttrs a;
   a.num_filter = parse_int(attrs, "num_filter", true, 0);
@@ -129,15 +130,24 @@ std::string shape_str(const mxnet::TShape& s) {
 
 const char* dtype_name(int t) {
   switch (t) {
-    case mshadow::kFloat32: return "float32";
-    case mshadow::kFloat64: return "float64";
-    case mshadow::kFloat16: return "float16";
-    case mshadow::kUint8: return "uint8";
-    case mshadow::kInt32: return "int32";
-    case mshadow::kInt8: return "int8";
-    case mshadow::kInt64: return "int64";
-    case mshadow::kBool: return "bool";
-    default: return "an unsupported dtype";
+    case mshadow::kFloat32:
+      return "float32";
+    case mshadow::kFloat64:
+      return "float64";
+    case mshadow::kFloat16:
+      return "float16";
+    case mshadow::kUint8:
+      return "uint8";
+    case mshadow::kInt32:
+      return "int32";
+    case mshadow::kInt8:
+      return "int8";
+    case mshadow::kInt64:
+      return "int64";
+    case mshadow::kBool:
+      return "bool";
+    default:
+      return "an unsupported dtype";
   }
 }
 

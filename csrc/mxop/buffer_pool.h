@@ -76,7 +76,9 @@ class Buffer {
     return static_cast<T*>(ptr_);
   }
   template <typename T>
-  const T* as() const { return static_cast<const T*>(ptr_); }
+  const T* as() const {
+    return static_cast<const T*>(ptr_);
+  }
 
  private:
   void* ptr_ = nullptr;

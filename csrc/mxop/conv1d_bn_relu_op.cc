@@ -56,8 +56,8 @@ class ConvState {
       if (req[0] == mxnet::kNullOp) return;
       fusedres::conv1d_bn_relu_forward_infer<T>(
           s, in[0].dptr<T>(), in[1].dptr<T>(), bias, in[ix.gamma()].dptr<T>(),
-          in[ix.beta()].dptr<T>(), in[ix.running_mean()].dptr<T>(),
-          in[ix.running_var()].dptr<T>(), a_.eps, y.ptr(), a_.relu);
+          in[ix.beta()].dptr<T>(), in[ix.running_mean()].dptr<T>(), in[ix.running_var()].dptr<T>(),
+          a_.eps, y.ptr(), a_.relu);
       saved_ = false;
     }
     y.commit();
@@ -80,8 +80,8 @@ class ConvState {
     Target<T> dbias(out[a_.no_bias ? 1 : 2], a_.no_bias ? mxnet::kNullOp : req[2]);
     fusedres::conv1d_bn_relu_backward<T>(
         s, batch_stats_, in[0].dptr<T>(), in[1].dptr<T>(), in[2].dptr<T>(), z_.as<T>(),
-        in[1 + ix.gamma()].dptr<T>(), in[1 + ix.beta()].dptr<T>(), mean_.as<T>(),
-        invstd_.as<T>(), dx.ptr(), dw.ptr(), dbias.ptr(), dgamma.ptr(), dbeta.ptr(), a_.relu);
+        in[1 + ix.gamma()].dptr<T>(), in[1 + ix.beta()].dptr<T>(), mean_.as<T>(), invstd_.as<T>(),
+        dx.ptr(), dw.ptr(), dbias.ptr(), dgamma.ptr(), dbeta.ptr(), a_.relu);
     for (Target<T>* t : {&dx, &dw, &dbias, &dgamma, &dbeta}) t->commit();
     // Auxiliary states have no gradient; should anyone ask for one, it is zero.
     for (int i : {ix.running_mean(), ix.running_var()}) {
@@ -128,8 +128,7 @@ void no_op(mxnet::RunContext) {}
 // GCC 4.8's libmxnet would call with the wrong convention (see nnvm_bridge.h): this
 // specialization does what Create does with a callable libmxnet can call.
 template <>
-mxnet::OpStatePtr mxnet::OpStatePtr::Create<fusedres::mxop::ConvState,
-                                            const fusedres::ConvAttrs&>(
+mxnet::OpStatePtr mxnet::OpStatePtr::Create<fusedres::mxop::ConvState, const fusedres::ConvAttrs&>(
     const fusedres::ConvAttrs& attrs) {
   OpStatePtr ret;
   auto* state = new fusedres::mxop::ConvState(attrs);
@@ -152,8 +151,8 @@ template <typename F>
 void by_dtype(int type_flag, const char* what, F&& f) {
   if (type_flag == mshadow::kFloat32) return f(float{});
   if (type_flag == mshadow::kFloat64) return f(double{});
-  fail("TypeError", std::string(what) + " must be float32 or float64, got " +
-                        dtype_name(type_flag));
+  fail("TypeError",
+       std::string(what) + " must be float32 or float64, got " + dtype_name(type_flag));
 }
 
 }  // namespace
@@ -199,13 +198,13 @@ bool conv_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
         ok = !mxnet::dim_size_is_known(given, d) || given[d] == want[d];
       if (!ok)
         fail("ValueError", names[i] + " must have shape " + shape_str(want) +
-                               (i == 1 ? " for data of shape " + shape_str(data) : "") +
-                               ", got " + shape_str(given));
+                               (i == 1 ? " for data of shape " + shape_str(data) : "") + ", got " +
+                               shape_str(given));
     }
     (*in)[i] = want;
   }
-  (*out)[0] = mxnet::TShape({data[0], static_cast<int64_t>(a.num_filter),
-                             conv_out_width(a, data[2])});
+  (*out)[0] =
+      mxnet::TShape({data[0], static_cast<int64_t>(a.num_filter), conv_out_width(a, data[2])});
   return true;
 }
 
@@ -219,9 +218,10 @@ OpStatePtr conv_create_state(const nnvm::NodeAttrs& attrs, mxnet::Context ctx,
   const ConvAttrs a = parse_conv_attrs(attrs);
   if (ctx.dev_mask() != mshadow::cpu::kDevMask)
     fail("ValueError",
-         std::string("data is on a GPU: ") + kConvOp + " runs on the CPU (on GPUs the fused "
-         "blocks use the CustomOp fusedres_conv1d_bn_relu; call hybridize() again after moving "
-         "a hybridized model to the GPU)");
+         std::string("data is on a GPU: ") + kConvOp +
+             " runs on the CPU (on GPUs the fused "
+             "blocks use the CustomOp fusedres_conv1d_bn_relu; call hybridize() again after moving "
+             "a hybridized model to the GPU)");
   return OpStatePtr::Create<ConvState>(a);
 }
 
@@ -232,11 +232,10 @@ void conv_forward(const OpStatePtr& state, const OpContext& ctx, const BlobVec& 
   });
 }
 
-void conv_backward(const OpStatePtr& state, const OpContext&, const BlobVec& in,
-                   const ReqVec& req, const BlobVec& out) {
-  by_dtype(in[1].type_flag_, "data", [&](auto tag) {
-    state.get_state<ConvState>().backward<decltype(tag)>(in, req, out);
-  });
+void conv_backward(const OpStatePtr& state, const OpContext&, const BlobVec& in, const ReqVec& req,
+                   const BlobVec& out) {
+  by_dtype(in[1].type_flag_, "data",
+           [&](auto tag) { state.get_state<ConvState>().backward<decltype(tag)>(in, req, out); });
 }
 
 std::vector<nnvm::NodeEntry> conv_gradient(const nnvm::ObjectPtr& node,
@@ -253,8 +252,10 @@ bool infer_same_float_type(const std::vector<std::string>& names, std::vector<in
   if (dt < 0 && !out->empty() && (*out)[0] >= 0) dt = (*out)[0];
   if (dt < 0) return false;
   if (dt != mshadow::kFloat32 && dt != mshadow::kFloat64)
-    fail("TypeError", names[first] + " must be float32 or float64 on the CPU (the MXNet "
-                      "operators' device), got " + dtype_name(dt));
+    fail("TypeError", names[first] +
+                          " must be float32 or float64 on the CPU (the MXNet "
+                          "operators' device), got " +
+                          dtype_name(dt));
   for (size_t i = 0; i < in->size(); ++i) {
     const int t = (*in)[i];
     if (t >= 0 && t != dt)

@@ -42,17 +42,18 @@ using Attrs = nnvm::NodeAttrs;
 void register_conv() {
   nnvm::Op* f = new_op(kConvOp);
   f->describe("relu(BatchNorm(Convolution(data))) for 1-D NCW data, fused (fusedres).");
-  for (const char* name : {"data", "weight", "bias", "gamma", "beta", "running_mean",
-                           "running_var"})
+  for (const char* name :
+       {"data", "weight", "bias", "gamma", "beta", "running_mean", "running_var"})
     f->add_argument(name, "NDArray-or-Symbol", "");
   f->set_num_inputs(Fn<uint32_t(const Attrs&)>::make<&conv_num_inputs>());
   f->set_num_outputs(1);
   set_attr(f, "FListInputNames",
            Fn<std::vector<std::string>(const Attrs&)>::make<&conv_input_names>());
-  set_attr(f, "FMutateInputs", Fn<std::vector<uint32_t>(const Attrs&)>::make<&conv_mutate_inputs>());
-  set_attr(f, "FInferShape",
-           Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<
-               &conv_infer_shape>());
+  set_attr(f, "FMutateInputs",
+           Fn<std::vector<uint32_t>(const Attrs&)>::make<&conv_mutate_inputs>());
+  set_attr(
+      f, "FInferShape",
+      Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<&conv_infer_shape>());
   set_attr(f, "FInferType",
            Fn<bool(const Attrs&, std::vector<int>*, std::vector<int>*)>::make<&conv_infer_type>());
   set_attr(f, "FCreateOpState",
@@ -61,10 +62,10 @@ void register_conv() {
   set_attr(f, "FStatefulCompute<cpu>",
            Fn<void(const OpStatePtr&, const OpContext&, const BlobVec&, const ReqVec&,
                    const BlobVec&)>::make<&conv_forward>());
-  set_attr(f, "FGradient",
-           Fn<std::vector<nnvm::NodeEntry>(const nnvm::ObjectPtr&,
-                                           const std::vector<nnvm::NodeEntry>&)>::make<
-               &conv_gradient>());
+  set_attr(
+      f, "FGradient",
+      Fn<std::vector<nnvm::NodeEntry>(
+          const nnvm::ObjectPtr&, const std::vector<nnvm::NodeEntry>&)>::make<&conv_gradient>());
 
   nnvm::Op* b = new_op(kConvBackwardOp);
   b->set_num_inputs(Fn<uint32_t(const Attrs&)>::make<&conv_backward_num_inputs>());
@@ -85,9 +86,9 @@ void register_add() {
   f->set_num_outputs(1);
   set_attr(f, "FListInputNames",
            Fn<std::vector<std::string>(const Attrs&)>::make<&add_input_names>());
-  set_attr(f, "FInferShape",
-           Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<
-               &add_infer_shape>());
+  set_attr(
+      f, "FInferShape",
+      Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<&add_infer_shape>());
   set_attr(f, "FInferType",
            Fn<bool(const Attrs&, std::vector<int>*, std::vector<int>*)>::make<&add_infer_type>());
   set_attr(f, "FInplaceOption",
@@ -95,10 +96,10 @@ void register_add() {
   set_attr(f, "FCompute<cpu>",
            Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
                    const BlobVec&)>::make<&add_forward>());
-  set_attr(f, "FGradient",
-           Fn<std::vector<nnvm::NodeEntry>(const nnvm::ObjectPtr&,
-                                           const std::vector<nnvm::NodeEntry>&)>::make<
-               &add_gradient>());
+  set_attr(
+      f, "FGradient",
+      Fn<std::vector<nnvm::NodeEntry>(const nnvm::ObjectPtr&,
+                                      const std::vector<nnvm::NodeEntry>&)>::make<&add_gradient>());
 
   nnvm::Op* b = new_op(kAddBackwardOp);
   b->set_num_inputs(2);
@@ -119,18 +120,18 @@ void register_layout_copy() {
   f->set_num_outputs(1);
   set_attr(f, "FListInputNames",
            Fn<std::vector<std::string>(const Attrs&)>::make<&copy_input_names>());
-  set_attr(f, "FInferShape",
-           Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<
-               &copy_infer_shape>());
+  set_attr(
+      f, "FInferShape",
+      Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<&copy_infer_shape>());
   set_attr(f, "FInferType",
            Fn<bool(const Attrs&, std::vector<int>*, std::vector<int>*)>::make<&copy_infer_type>());
   set_attr(f, "FCompute<cpu>",
            Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
                    const BlobVec&)>::make<&copy_forward>());
-  set_attr(f, "FGradient",
-           Fn<std::vector<nnvm::NodeEntry>(const nnvm::ObjectPtr&,
-                                           const std::vector<nnvm::NodeEntry>&)>::make<
-               &copy_gradient>());
+  set_attr(
+      f, "FGradient",
+      Fn<std::vector<nnvm::NodeEntry>(
+          const nnvm::ObjectPtr&, const std::vector<nnvm::NodeEntry>&)>::make<&copy_gradient>());
 }
 
 std::string g_error;

@@ -14,7 +14,7 @@ namespace std {
 
 // GLIBCXX_3.4.20: the bounds checks of basic_string and vector.
 __attribute__((visibility("hidden"), noreturn)) void __throw_out_of_range_fmt(const char* fmt,
-                                                                            ...) {
+                                                                              ...) {
   char buf[512];
   va_list args;
   va_start(args, fmt);

@@ -78,8 +78,8 @@ struct Fn<R(A...)> {
 };
 
 // Access to the private members Op::set_attr uses (Op::UpdateAttrMap, Op::index_ and
-// OpMap<T>::data_), through the one access-check exemption the language has: member pointers named in
-// an explicit template instantiation.
+// OpMap<T>::data_), through the one access-check exemption the language has: member pointers named
+// in an explicit template instantiation.
 template <typename Tag, typename Tag::type Member>
 struct Expose {
   friend typename Tag::type member(Tag) { return Member; }
@@ -98,7 +98,7 @@ struct OpMapData {
   friend type member(OpMapData);
 };
 // For each attribute type set_attr is used with (in one translation unit).
-#define FUSEDRES_EXPOSE_OPMAP(T)                                            \
+#define FUSEDRES_EXPOSE_OPMAP(T)                                           \
   template struct ::fusedres::mxop::Expose<::fusedres::mxop::OpMapData<T>, \
                                            &::nnvm::OpMap<T>::data_>;
 

@@ -51,8 +51,7 @@ std::vector<nnvm::NodeEntry> conv_gradient(const nnvm::ObjectPtr& node,
 
 // add_relu
 std::vector<std::string> add_input_names(const nnvm::NodeAttrs& attrs);
-bool add_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
-                     mxnet::ShapeVector* out);
+bool add_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in, mxnet::ShapeVector* out);
 bool add_infer_type(const nnvm::NodeAttrs& attrs, std::vector<int>* in, std::vector<int>* out);
 std::vector<std::pair<int, int>> add_inplace(const nnvm::NodeAttrs& attrs);
 std::vector<std::pair<int, int>> add_backward_inplace(const nnvm::NodeAttrs& attrs);

@@ -9,7 +9,7 @@ import atexit
 
 import mxnet as mx
 
-from . import custom, dispatch, native
+from . import custom, dispatch, native  # noqa: F401  (custom: registers the CustomOps)
 from .attrs import ConvAttrs
 from .errors import translate_errors
 

@@ -88,8 +88,8 @@ def conv1d_bn_relu_forward(x, w, bias, gamma, beta, running_mean, running_var, s
     pre = gamma[None, :, None] * xhat + beta[None, :, None]
     y = (relu_value(pre) if relu else pre).astype(x.dtype)
     cache = dict(x=x, w=w, has_bias=bias is not None, gamma=gamma, xhat=xhat, invstd=invstd,
-                 pre=pre, relu=relu, batch_stats=batch_stats, stride=stride, pad=pad, dilation=dilation,
-                 groups=groups)
+                 pre=pre, relu=relu, batch_stats=batch_stats, stride=stride, pad=pad,
+                 dilation=dilation, groups=groups)
     return (y, cache, new_rm.astype(running_mean.dtype), new_rv.astype(running_var.dtype))
 
 

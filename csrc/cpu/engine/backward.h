@@ -42,8 +42,8 @@ void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const type
 
 // MR x NV accumulator tile with MR = DMR * DNR / NV: fewer channel vectors, more rows.
 template <class V, int NV>
-void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* xT, i64 CP,
-              i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* xT, i64 CP, i64 S,
+              i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
   constexpr int MR = V::DMR * V::DNR / NV;
   for (i64 r0 = 0; r0 < rows; r0 += MR)
     dw_block_rows<V, MR, NV>(dz_g, Lo, r0, imin(MR, rows - r0), xT, CP, S, ja, jb, civ, dst,
@@ -51,9 +51,8 @@ void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* 
 }
 
 template <class V, int MR, int NV>
-void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr,
-                             const typename V::T* xT, i64 CP, i64 S, i64 ja, i64 jb, i64 civ,
-                             double* dst, i64 dst_row) {
+void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
+                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
   using T = typename V::T;
   constexpr int W = V::W;
   const T* dzr[MR];
@@ -81,9 +80,8 @@ struct BnSums {
 };
 
 template <typename T>
-void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma,
-                   const T* beta, const T* mean, const T* invstd, bool relu, BnSums* sums,
-                   T* dgamma, T* dbeta) {
+void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma, const T* beta,
+                   const T* mean, const T* invstd, bool relu, BnSums* sums, T* dgamma, T* dbeta) {
   using V = typename VecOf<T>::type;
   using reg = typename V::reg;
   constexpr int W = V::W;
@@ -139,8 +137,8 @@ void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma
 // bias gradient is the sum of dz.
 template <typename T>
 void bn_bwd_dz(const Conv1dShape& s, bool batch_stats, const T* dy, const T* z, const T* gamma,
-               const T* beta, const T* mean, const T* invstd, bool relu, const BnSums& sums,
-               T* dz, T* dbias) {
+               const T* beta, const T* mean, const T* invstd, bool relu, const BnSums& sums, T* dz,
+               T* dbias) {
   using V = typename VecOf<T>::type;
   using reg = typename V::reg;
   constexpr int W = V::W;
@@ -195,7 +193,6 @@ void bn_bwd_dz(const Conv1dShape& s, bool batch_stats, const T* dy, const T* z, 
       for (i64 n = 0; n < s.N; ++n) a += part.p[n * s.Cout + co];
       dbias[co] = static_cast<T>(a);
     }
-
 }
 
 template <typename T>
@@ -204,9 +201,9 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   constexpr int W = V::W;
   const i64 Lo = s.Lout();
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, S = s.stride;
-  // conv_bwd_data: dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g outputs, one
-  // output phase at a time when stride > 1 (phase r gets the taps with
-  // (r + pad - k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
+  // conv_bwd_data: dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g
+  // outputs, one output phase at a time when stride > 1 (phase r gets the taps with (r + pad -
+  // k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
   constexpr int MR = V::MR;
   const i64 nph = S;
   const i64 Lq0 = cdiv(s.L, S);
@@ -220,10 +217,9 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
       if (fmod_pos(r + s.pad - k * s.dilation, S) == 0) tapk.p[r * K + nt++] = int(k);
     ntap.p[r] = nt;
     for (i64 g = 0; g < G; ++g)
-      pack_weights<V>(wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
-                      [&](i64, i64 o, i64 i, int k) {
-                        return w[((g * cout_g + i) * cin_g + o) * K + k];
-                      });
+      pack_weights<V>(
+          wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
+          [&](i64, i64 o, i64 i, int k) { return w[((g * cout_g + i) * cin_g + o) * K + k]; });
   }
   const i64 nunits = s.N * ch.nch;
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
@@ -251,16 +247,16 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
           }
           for (int t = 0; t < nt; ++t) {
             const i64 k = tapk.p[r * K + t];
-            tp[t] = Tap<T>{dz + (n * s.Cout + g * cout_g) * Lo,
-                           (r + s.pad - k * s.dilation) / S, Lo};
+            tp[t] =
+                Tap<T>{dz + (n * s.Cout + g * cout_g) * Lo, (r + s.pad - k * s.dilation) / S, Lo};
           }
-          ConvUnit<V> cu{tp, nt, Lo, cout_g, wt.p + (r * G + g) * wgroup, cin_g, nullptr,
-                         out, ostride, nullptr};
+          ConvUnit<V> cu{tp,    nt,      Lo,  cout_g,  wt.p + (r * G + g) * wgroup,
+                         cin_g, nullptr, out, ostride, nullptr};
           run_conv_unit<V, E_STORE>(cu, ja, jb);
         }
       }
-      if (S > 1) interleave(tmp.p, s.Cin, ch.CH, ja, imin(ja + ch.CH, Lq0), S, s.L,
-                            dx + n * s.Cin * s.L);
+      if (S > 1)
+        interleave(tmp.p, s.Cin, ch.CH, ja, imin(ja + ch.CH, Lq0), S, s.L, dx + n * s.Cin * s.L);
     }
   }
 }
@@ -271,8 +267,8 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   constexpr int W = V::W;
   const i64 Lo = s.Lout();
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, S = s.stride;
-  // conv_bwd_weight: dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x transposed
-  // per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
+  // conv_bwd_weight: dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x
+  // transposed per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
   constexpr int DNR = V::DNR;
   const i64 CP = rup(cin_g, W);
   const i64 offmin = -s.pad, offmax = (K - 1) * s.dilation - s.pad;
@@ -356,8 +352,8 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
 
 template <typename T>
 void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x, const T* w,
-                   const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,
-                   T* dx, T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {
+                   const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx,
+                   T* dw, T* dbias, T* dgamma, T* dbeta, bool relu) {
   const bool need_dz = dx || dw || dbias;
   if (!(need_dz || dgamma || dbeta)) return;
   BnSums sums(s.Cout);

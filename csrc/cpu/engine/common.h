@@ -98,7 +98,9 @@ struct BnChannel {
   reg mean, a, beta;
   bool with_relu;
   BnChannel(T gamma_, T beta_, T mean_, T invstd_, bool with_relu_)
-      : mean(V::set1(mean_)), a(V::set1(gamma_ * invstd_)), beta(V::set1(beta_)),
+      : mean(V::set1(mean_)),
+        a(V::set1(gamma_ * invstd_)),
+        beta(V::set1(beta_)),
         with_relu(with_relu_) {}
   FR_INLINE reg pre(reg z) const { return bn_pre<V>(z, mean, a, beta); }
   FR_INLINE reg out(reg z) const { return with_relu ? relu<V>(pre(z)) : pre(z); }

@@ -166,14 +166,16 @@ void conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
     for (i64 j = ja; j < jb; j += TW) {
       const i64 rem = jb - j;
       if (rem >= TW) {
-        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, !(j >= int_lo && j <= int_hi), sv,
-                                  qv, shift, first);
+        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, !(j >= int_lo && j <= int_hi), sv, qv,
+                                  shift, first);
       } else {
         const int nv = int(cdiv(rem, W));
         if (NR >= 4 && nv == 3)
-          conv_tile<V, MR, (NR >= 4 ? 3 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+          conv_tile<V, MR, (NR >= 4 ? 3 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift,
+                                                   first);
         else if (NR >= 3 && nv == 2)
-          conv_tile<V, MR, (NR >= 3 ? 2 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
+          conv_tile<V, MR, (NR >= 3 ? 2 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift,
+                                                   first);
         else if (nv == 1)
           conv_tile<V, MR, 1, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
         else
@@ -200,8 +202,7 @@ void run_conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
 // Packs w viewed as W[g][o][i][k] (o < rows_g output rows, i < nci inputs, k over taps) into
 // [g][cb][tap][i][MR]; `get(g, o, i, k)` returns the weight.
 template <class V, typename F>
-void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk,
-                  F get) {
+void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk, F get) {
   constexpr int MR = V::MR;
   const i64 ncb = cdiv(rows, MR);
   for (i64 g = 0; g < G; ++g)
@@ -327,9 +328,16 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
             tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
           }
         }
-        ConvUnit<V> cu{tp, int(K), S == 1 ? s.L : Wq, cin_g, wp + g * wgroup, cout_g,
-                       bias ? bias + g * cout_g : nullptr, out + (n * s.Cout + g * cout_g) * Lo,
-                       Lo, stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
+        ConvUnit<V> cu{tp,
+                       int(K),
+                       S == 1 ? s.L : Wq,
+                       cin_g,
+                       wp + g * wgroup,
+                       cout_g,
+                       bias ? bias + g * cout_g : nullptr,
+                       out + (n * s.Cout + g * cout_g) * Lo,
+                       Lo,
+                       stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
         run_conv_unit<V, EPI>(cu, ja, jb);
       }
     }

@@ -49,10 +49,9 @@ void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename
 }
 
 template <typename T>
-void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
-                        const T* gamma, const T* beta, T* running_mean, T* running_var,
-                        double eps, double momentum, bool use_batch_stats, T* z, T* mean,
-                        T* invstd, T* y, bool relu) {
+void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,
+                        const T* beta, T* running_mean, T* running_var, double eps, double momentum,
+                        bool use_batch_stats, T* z, T* mean, T* invstd, T* y, bool relu) {
   using V = typename VecOf<T>::type;
   const i64 Lo = s.Lout();
   Buf<T> wp(packed_size_forward<V>(s));
@@ -95,9 +94,9 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
 }
 
 template <typename T>
-void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias,
-                        const T* gamma, const T* beta, const T* running_mean,
-                        const T* running_var, double eps, T* y, bool relu) {
+void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,
+                        const T* beta, const T* running_mean, const T* running_var, double eps,
+                        T* y, bool relu) {
   using V = typename VecOf<T>::type;
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
