@@ -164,7 +164,8 @@ step "auditwheel show $WHEEL"
 grep -q "manylinux_2_17_x86_64" "$WORK/auditwheel-show.txt" || [ "$PLAT" != manylinux_2_17_x86_64 ] \
   || { echo "build_wheel: wheel is not manylinux_2_17 compatible" >&2; exit 1; }
 
-# The wheel must hold every cubin, the CUDA sources and the CPU extension.
+# The wheel must hold every cubin, the CUDA sources, the fusedres.cuda package and the CPU
+# extension.
 "$TPY" - "$WHEEL" $ARCHS <<'EOF'
 import sys, zipfile
 from pathlib import Path
@@ -175,18 +176,20 @@ cubins = sorted(n for n in names if n.startswith("fusedres/cubins/"))
 want = sorted(f"fusedres/cubins/{Path(s).stem}.sm_{a}.cubin" for s in sources for a in archs)
 ext = [n for n in names if n.startswith("fusedres/_C.") and n.endswith(".so")]
 mxop = [n for n in names if n == "fusedres/libfusedres_mxop.so"]
+cuda = sorted(Path(n).name for n in names if n.startswith("fusedres/cuda/") and n.endswith(".py"))
 libs = [n for n in names if ".libs/" in n or n.endswith(".so") and not n.startswith("fusedres/_C.")]
 print(f"\nwheel {Path(wheel).name}: {len(names)} files")
 print(f"  CPU extension: {ext}")
 print(f"  shared libraries: {libs}")
 print(f"  CUDA sources: {sources}")
+print(f"  fusedres.cuda: {cuda}")
 print(f"  cubins ({len(cubins)}):")
 for n in cubins:
     print(f"    {n}")
 missing = sorted(set(want) - set(cubins))
-if not ext or not mxop or not sources or missing:
+if not ext or not mxop or not sources or "__init__.py" not in cuda or missing:
     sys.exit(f"build_wheel: incomplete wheel: extension={ext} operators={mxop} "
-             f"sources={sources} missing={missing}")
+             f"sources={sources} fusedres.cuda={cuda} missing={missing}")
 EOF
 ls -l dist/fusedres-*
 step "done"
