@@ -1,9 +1,10 @@
 """How csrc/cuda/*.cu is compiled, defined once: the NVRTC options and the cubin arch list.
 
 Read by fusedres.cuda.loader (NVRTC at run time, when no shipped cubin fits) and by
-tools/build_cubins.py (the shipped cubins), which loads this file by path: it runs in build
-environments without MXNet, so this file imports nothing. The shell scripts ask
-``python tools/build_cubins.py --print-archs``.
+tools/build_cubins.py (the shipped cubins, for CMake and tools/build_wheel.sh), which loads this
+file by path: it runs in build environments without MXNet, so this file imports nothing. Shell
+scripts ask ``python tools/build_cubins.py --print-archs``; tools/wheel_smoke.py reads the
+installed wheel's copy.
 """
 
 # Every compilation of the kernels: the cubins (tools/build_cubins.py adds the target arch and
