@@ -293,7 +293,9 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
     d = dict(psum=cp.asarray(psum), pm2=cp.asarray(pm2), rm=cp.asarray(rm), rv=cp.asarray(rv),
              mean=cp.empty(c, np.float32), invstd=cp.empty(c, np.float32))
 
-    def args(eps=np.float64(EPS), ntiles=np.int32(2), update=np.int32(1)):
+    typed = dict(eps=np.float64(EPS), ntiles=np.int32(2), update=np.int32(1))
+
+    def args(eps=typed["eps"], ntiles=typed["ntiles"], update=typed["update"]):
         return (d["psum"], d["pm2"], ntiles, np.int32(m), np.int32(c), d["rm"], d["rv"],
                 d["mean"], d["invstd"], eps, np.float64(MOMENTUM), np.int32(1), update)
 
@@ -587,9 +589,10 @@ def test_mutant_fails_the_checks(mutation, cuda_target, mutant_source, monkeypat
     forward (training, inference) and backward checks, in each schedule."""
     checks = []
     for case in CASES:
-        checks += [(f"forward_train {case}", lambda c=case: test_forward_train(c, "f32", True, True)),
-                   (f"forward_infer {case}", lambda c=case: test_forward_infer(c, "f32", True)),
-                   (f"backward {case}", lambda c=case: test_backward(c, "f32", True, True))]
+        checks += [
+            (f"forward_train {case}", lambda c=case: test_forward_train(c, "f32", True, True)),
+            (f"forward_infer {case}", lambda c=case: test_forward_infer(c, "f32", True)),
+            (f"backward {case}", lambda c=case: test_backward(c, "f32", True, True))]
     failed = _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks)
     assert failed, f"{mutation}: all {len(checks)} checks passed on the mutant"
 

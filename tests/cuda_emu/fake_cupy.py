@@ -368,7 +368,8 @@ _capsule_valid.argtypes, _capsule_valid.restype = [ctypes.py_object, ctypes.c_ch
 _capsule_get = ctypes.pythonapi.PyCapsule_GetPointer
 _capsule_get.argtypes, _capsule_get.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
 _capsule_rename = ctypes.pythonapi.PyCapsule_SetName
-_capsule_rename.argtypes, _capsule_rename.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_int
+_capsule_rename.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_rename.restype = ctypes.c_int
 
 
 class _DLOwner:
