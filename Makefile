@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/mxop/*.cc \
                   csrc/mxop/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) \
-                CMakeLists.txt setup.py pyproject.toml tools/build_cubins.py
+                CMakeLists.txt setup.py pyproject.toml tools/build_cubins.py \
+                fusedres/cuda/build_options.py
 
 .PHONY: setup demo test bench clean
 
@@ -14,7 +15,7 @@ $(VENV)/.installed: $(BUILD_INPUTS)
 	$(PIP) install -q --upgrade pip
 	# As any source install: the build requirements (pyproject.toml) bring MXNet's headers and
 	# NVRTC, and the build makes the extension, the MXNet operators and the cubins.
-	$(PIP) install -q -e ".[cpu,test,bench]"
+	$(PIP) install -q -e ".[cpu,test,bench,lint]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,9 +23,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m fusedres
 
-# Both implementations (the `impl` fixture), the CUDA kernels on the emulation in both
-# schedules (the `cuda_target` fixture), the configuration matrix's default sample.
-test: setup
+# Lint first (ruff.toml, .clang-format), then every test: both implementations (the `impl`
+# fixture), the CUDA kernels on the emulation in both schedules (the `cuda_target` fixture), the
+# configuration matrix.
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cc' 'csrc/*.cu' 'csrc/*.cuh' \
+                'tests/cuda_emu/*.h')
+.PHONY: lint
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --style=file --dry-run --Werror $(CXX_SOURCES)
+
+test: lint
 	$(PY) -m pytest tests
 
 # PyTorch is the optional peer: 2.13.0 is the local CPU build on these machines (elsewhere pick
@@ -39,7 +48,8 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Release artifacts: dist/fusedres-*.tar.gz and a manylinux2014 wheel built from it (zig's clang,
-# NVRTC cubins for sm_70..sm_90; see tools/build_wheel.sh). Needs only PyPI.
+# NVRTC cubins for fusedres/cuda/build_options.py's archs; see tools/build_wheel.sh). Needs only
+# PyPI.
 .PHONY: wheel wheel-check source-check
 wheel:
 	PYTHON=$(PYTHON) bash tools/build_wheel.sh
