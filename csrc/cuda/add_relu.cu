@@ -16,10 +16,14 @@ struct alignas(16) Vec {  // 16 bytes of T, moved with one 128-bit load or store
 };
 
 template <typename T>
-__device__ __forceinline__ Vec<T> load16(const T* p) { return *reinterpret_cast<const Vec<T>*>(p); }
+__device__ __forceinline__ Vec<T> load16(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
 
 template <typename T>
-__device__ __forceinline__ void store16(T* p, const Vec<T>& r) { *reinterpret_cast<Vec<T>*>(p) = r; }
+__device__ __forceinline__ void store16(T* p, const Vec<T>& r) {
+  *reinterpret_cast<Vec<T>*>(p) = r;
+}
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<u64>(p) & 15u) == 0;
@@ -76,14 +80,14 @@ __device__ void add_relu_bwd(long long n, const T* __restrict__ dy, const T* __r
 }  // namespace
 }  // namespace fusedres
 
-#define FUSEDRES_ADD_RELU(SUFFIX, T)                                                        \
-  extern "C" __global__ void add_relu_forward_##SUFFIX(long long n, const T* a, const T* b, \
-                                                       T* y) {                              \
-    fusedres::add_relu_fwd<T>(n, a, b, y);                                                  \
-  }                                                                                         \
-  extern "C" __global__ void add_relu_backward_##SUFFIX(long long n, const T* dy,           \
-                                                        const T* y, T* da, T* db) {         \
-    fusedres::add_relu_bwd<T>(n, dy, y, da, db);                                            \
+#define FUSEDRES_ADD_RELU(SUFFIX, T)                                                          \
+  extern "C" __global__ void add_relu_forward_##SUFFIX(long long n, const T* a, const T* b,   \
+                                                       T* y) {                                \
+    fusedres::add_relu_fwd<T>(n, a, b, y);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void add_relu_backward_##SUFFIX(long long n, const T* dy, const T* y, \
+                                                        T* da, T* db) {                       \
+    fusedres::add_relu_bwd<T>(n, dy, y, da, db);                                              \
   }
 
 FUSEDRES_ADD_RELU(f32, float)

@@ -98,11 +98,14 @@ struct FwdProb {
   const T* x;
   const T* w;
   int g, cin_g, cout_g, Kred;
-  struct RowState { const T* wrow; };
-  struct ColState { const T* xbase; unsigned pos0; };  // l * stride - pad, modulo 2^32
-  __device__ RowState row_state(int r) const {
-    return {w + (size_t)(g * cout_g + r) * Kred};
-  }
+  struct RowState {
+    const T* wrow;
+  };
+  struct ColState {
+    const T* xbase;
+    unsigned pos0;
+  };  // l * stride - pad, modulo 2^32
+  __device__ RowState row_state(int r) const { return {w + (size_t)(g * cout_g + r) * Kred}; }
   __device__ float a(const RowState& rs, int k) const { return to_f(rs.wrow[k]); }
   __device__ ColState col_state(int m) const {
     const int n = m / s.Lout, l = m - n * s.Lout;
@@ -132,8 +135,13 @@ struct BwdDataProb {
   const float* dz;
   const T* w;
   int g, cin_g, cout_g;
-  struct RowState { const T* wcol; };
-  struct ColState { const float* dzbase; unsigned q0; };  // i + pad
+  struct RowState {
+    const T* wcol;
+  };
+  struct ColState {
+    const float* dzbase;
+    unsigned q0;
+  };  // i + pad
   __device__ RowState row_state(int r) const {
     return {w + ((size_t)g * cout_g * cin_g + r) * s.K};
   }
@@ -164,11 +172,14 @@ struct BwdWeightProb {
   const float* dz;
   const T* x;
   int g, cin_g, cout_g;
-  struct RowState { const float* dzrow; };
-  struct ColState { const T* xbase; unsigned shift; };  // tap * dil - pad, modulo 2^32
-  __device__ RowState row_state(int r) const {
-    return {dz + (size_t)(g * cout_g + r) * s.Lout};
-  }
+  struct RowState {
+    const float* dzrow;
+  };
+  struct ColState {
+    const T* xbase;
+    unsigned shift;
+  };  // tap * dil - pad, modulo 2^32
+  __device__ RowState row_state(int r) const { return {dz + (size_t)(g * cout_g + r) * s.Lout}; }
   __device__ float a(const RowState& rs, int m) const {
     const int n = m / s.Lout, l = m - n * s.Lout;
     return rs.dzrow[(size_t)n * s.Cout * s.Lout + l];
@@ -287,8 +298,8 @@ __device__ void conv_fwd_infer(const Shape s, const T* __restrict__ x, const T* 
 }
 
 template <typename T>
-__device__ void conv_bwd_data(const Shape s, const float* __restrict__ dz,
-                              const T* __restrict__ w, T* __restrict__ dx) {
+__device__ void conv_bwd_data(const Shape s, const float* __restrict__ dz, const T* __restrict__ w,
+                              T* __restrict__ dx) {
   const int g = blockIdx.z, cin_g = s.cin_g(), cout_g = s.cout_g(), M = s.N * s.L;
   const BwdDataProb<T> p{s, dz, w, g, cin_g, cout_g};
   const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
@@ -314,8 +325,7 @@ __device__ void conv_bwd_data(const Shape s, const float* __restrict__ dz,
 // the tile, zeros included, so that sum_splits may read every split.
 template <typename T>
 __device__ void conv_bwd_weight(const Shape s, const T* __restrict__ x,
-                                const float* __restrict__ dz, int kchunk,
-                                float* __restrict__ ws) {
+                                const float* __restrict__ dz, int kchunk, float* __restrict__ ws) {
   const int g = blockIdx.z % s.groups, split = blockIdx.z / s.groups;
   const int cin_g = s.cin_g(), cout_g = s.cout_g(), Kw = cin_g * s.K, M = s.N * s.Lout;
   const BwdWeightProb<T> p{s, dz, x, g, cin_g, cout_g};
@@ -355,9 +365,9 @@ __device__ void sum_splits(const float* __restrict__ ws, int nsplits, int count,
 template <typename P>
 __device__ void bn_fwd_finalize(const float* __restrict__ psum, const float* __restrict__ pm2,
                                 int ntiles, int M, int C, P* __restrict__ rmean,
-                                P* __restrict__ rvar, P* __restrict__ mean,
-                                P* __restrict__ invstd, double eps, double momentum,
-                                int use_batch_stats, int update_running) {
+                                P* __restrict__ rvar, P* __restrict__ mean, P* __restrict__ invstd,
+                                double eps, double momentum, int use_batch_stats,
+                                int update_running) {
   const int c = blockIdx.x;
   if (!use_batch_stats) {
     if (threadIdx.x == 0) {
@@ -390,14 +400,15 @@ __device__ void bn_fwd_finalize(const float* __restrict__ psum, const float* __r
 template <typename T, typename P>
 __device__ void bn_relu_apply(const T* __restrict__ z, const P* __restrict__ gamma,
                               const P* __restrict__ beta, const P* __restrict__ mean,
-                              const P* __restrict__ invstd, int rows, int C, int W,
-                              int do_relu, T* __restrict__ y) {
+                              const P* __restrict__ invstd, int rows, int C, int W, int do_relu,
+                              T* __restrict__ y) {
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     const int c = (int)(row % C);
     const Affine af = bn_affine(to_f(gamma[c]), to_f(beta[c]), to_f(mean[c]), to_f(invstd[c]));
     const T* zr = z + (size_t)row * W;
     T* yr = y + (size_t)row * W;
-    for (int l = threadIdx.x; l < W; l += blockDim.x) yr[l] = from_f<T>(act(af.pre(to_f(zr[l])), do_relu));
+    for (int l = threadIdx.x; l < W; l += blockDim.x)
+      yr[l] = from_f<T>(act(af.pre(to_f(zr[l])), do_relu));
   }
 }
 
@@ -449,9 +460,8 @@ __device__ void bn_bwd_reduce(const T* __restrict__ dy, const T* __restrict__ z,
 // dz constants of the batch statistics, coef[c] = mean(g), coef[C + c] = mean(g * xhat).
 template <typename P>
 __device__ void bn_bwd_finalize(const float* __restrict__ ws_g, const float* __restrict__ ws_gx,
-                                int nsplits, int C, int M,
-                                P* __restrict__ dgamma, P* __restrict__ dbeta,
-                                float* __restrict__ coef) {
+                                int nsplits, int C, int M, P* __restrict__ dgamma,
+                                P* __restrict__ dbeta, float* __restrict__ coef) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double sg = 0.0, sgx = 0.0;
@@ -502,69 +512,66 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
 
 // extern "C" entry points. Suffix: f32 (float32 everywhere), f16 (float16 everywhere),
 // f16_p32 (float16 data with float32 per-channel batchnorm arrays, as Gluon keeps them).
-#define FUSEDRES_SHAPE_PARAMS                                                                  \
+#define FUSEDRES_SHAPE_PARAMS \
   int N, int Cin, int L, int Cout, int K, int Lout, int stride, int pad, int dil, int groups
-#define FUSEDRES_SHAPE fusedres::Shape{N, Cin, L, Cout, K, Lout, stride, pad, dil, groups}
+#define FUSEDRES_SHAPE \
+  fusedres::Shape { N, Cin, L, Cout, K, Lout, stride, pad, dil, groups }
 
-#define FUSEDRES_DATA_KERNELS(SUF, T)                                                          \
-  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                            \
-      conv1d_fwd_train_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias,     \
-                             T* z, float* psum, float* pm2, int stats) {                       \
-    fusedres::conv_fwd_train<T>(FUSEDRES_SHAPE, x, w, bias, z, psum, pm2, stats);              \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                            \
-      conv1d_bwd_data_##SUF(FUSEDRES_SHAPE_PARAMS, const float* dz, const T* w, T* dx) {       \
-    fusedres::conv_bwd_data<T>(FUSEDRES_SHAPE, dz, w, dx);                                     \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                            \
-      conv1d_bwd_weight_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const float* dz, int kchunk,  \
-                              float* ws) {                                                     \
-    fusedres::conv_bwd_weight<T>(FUSEDRES_SHAPE, x, dz, kchunk, ws);                           \
-  }                                                                                            \
+#define FUSEDRES_DATA_KERNELS(SUF, T)                                                            \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                \
+      conv1d_fwd_train_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias, T* z, \
+                             float* psum, float* pm2, int stats) {                               \
+    fusedres::conv_fwd_train<T>(FUSEDRES_SHAPE, x, w, bias, z, psum, pm2, stats);                \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                \
+      conv1d_bwd_data_##SUF(FUSEDRES_SHAPE_PARAMS, const float* dz, const T* w, T* dx) {         \
+    fusedres::conv_bwd_data<T>(FUSEDRES_SHAPE, dz, w, dx);                                       \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS) conv1d_bwd_weight_##SUF(       \
+      FUSEDRES_SHAPE_PARAMS, const T* x, const float* dz, int kchunk, float* ws) {               \
+    fusedres::conv_bwd_weight<T>(FUSEDRES_SHAPE, x, dz, kchunk, ws);                             \
+  }                                                                                              \
   extern "C" __global__ void sum_splits_##SUF(const float* ws, int nsplits, int count, T* out) { \
-    fusedres::sum_splits<T>(ws, nsplits, count, out);                                          \
+    fusedres::sum_splits<T>(ws, nsplits, count, out);                                            \
   }
 
-#define FUSEDRES_PARAM_KERNELS(SUF, P)                                                         \
-  extern "C" __global__ void bn_fwd_finalize_##SUF(                                            \
-      const float* psum, const float* pm2, int ntiles, int M, int C, P* rmean, P* rvar,        \
-      P* mean, P* invstd, double eps, double momentum, int use_batch_stats,                    \
-      int update_running) {                                                                    \
-    fusedres::bn_fwd_finalize<P>(psum, pm2, ntiles, M, C, rmean, rvar, mean, invstd, eps,      \
-                                 momentum, use_batch_stats, update_running);                   \
-  }                                                                                            \
-  extern "C" __global__ void bn_bwd_finalize_##SUF(const float* ws_g, const float* ws_gx,      \
-                                                   int nsplits, int C, int M, P* dgamma,       \
-                                                   P* dbeta, float* coef) {                    \
-    fusedres::bn_bwd_finalize<P>(ws_g, ws_gx, nsplits, C, M, dgamma, dbeta, coef);             \
+#define FUSEDRES_PARAM_KERNELS(SUF, P)                                                             \
+  extern "C" __global__ void bn_fwd_finalize_##SUF(                                                \
+      const float* psum, const float* pm2, int ntiles, int M, int C, P* rmean, P* rvar, P* mean,   \
+      P* invstd, double eps, double momentum, int use_batch_stats, int update_running) {           \
+    fusedres::bn_fwd_finalize<P>(psum, pm2, ntiles, M, C, rmean, rvar, mean, invstd, eps,          \
+                                 momentum, use_batch_stats, update_running);                       \
+  }                                                                                                \
+  extern "C" __global__ void bn_bwd_finalize_##SUF(const float* ws_g, const float* ws_gx,          \
+                                                   int nsplits, int C, int M, P* dgamma, P* dbeta, \
+                                                   float* coef) {                                  \
+    fusedres::bn_bwd_finalize<P>(ws_g, ws_gx, nsplits, C, M, dgamma, dbeta, coef);                 \
   }
 
-#define FUSEDRES_MIXED_KERNELS(SUF, T, P)                                                      \
-  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                            \
-      conv1d_fwd_infer_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias,     \
-                             const P* gamma, const P* beta, const P* rmean, const P* rvar,     \
-                             float eps, int do_relu, T* y) {                                   \
-    fusedres::conv_fwd_infer<T, P>(FUSEDRES_SHAPE, x, w, bias, gamma, beta, rmean, rvar, eps,  \
-                                   do_relu, y);                                                \
-  }                                                                                            \
-  extern "C" __global__ void bn_relu_apply_##SUF(const T* z, const P* gamma, const P* beta,   \
-                                                 const P* mean, const P* invstd, int rows,     \
-                                                 int C, int W, int do_relu, T* y) {            \
-    fusedres::bn_relu_apply<T, P>(z, gamma, beta, mean, invstd, rows, C, W, do_relu, y);       \
-  }                                                                                            \
-  extern "C" __global__ void bn_bwd_reduce_##SUF(                                              \
-      const T* dy, const T* z, const P* gamma, const P* beta, const P* mean,                   \
-      const P* invstd, int N, int C, int W, int chunk, int do_relu, float* ws_g,              \
-      float* ws_gx) {                                                                          \
-    fusedres::bn_bwd_reduce<T, P>(dy, z, gamma, beta, mean, invstd, N, C, W, chunk, do_relu,   \
-                                  ws_g, ws_gx);                                                \
-  }                                                                                            \
-  extern "C" __global__ void bn_bwd_dz_##SUF(                                                  \
-      const T* dy, const T* z, const P* gamma, const P* beta, const P* mean,                   \
-      const P* invstd, const float* coef, int N, int C, int W, int chunk, int do_relu,         \
-      int batch_stats, float* dz, float* ws_dz) {                                              \
-    fusedres::bn_bwd_dz<T, P>(dy, z, gamma, beta, mean, invstd, coef, N, C, W, chunk, do_relu, \
-                              batch_stats, dz, ws_dz);                                         \
+#define FUSEDRES_MIXED_KERNELS(SUF, T, P)                                                          \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS) conv1d_fwd_infer_##SUF(          \
+      FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias, const P* gamma, const P* beta, \
+      const P* rmean, const P* rvar, float eps, int do_relu, T* y) {                               \
+    fusedres::conv_fwd_infer<T, P>(FUSEDRES_SHAPE, x, w, bias, gamma, beta, rmean, rvar, eps,      \
+                                   do_relu, y);                                                    \
+  }                                                                                                \
+  extern "C" __global__ void bn_relu_apply_##SUF(const T* z, const P* gamma, const P* beta,        \
+                                                 const P* mean, const P* invstd, int rows, int C,  \
+                                                 int W, int do_relu, T* y) {                       \
+    fusedres::bn_relu_apply<T, P>(z, gamma, beta, mean, invstd, rows, C, W, do_relu, y);           \
+  }                                                                                                \
+  extern "C" __global__ void bn_bwd_reduce_##SUF(                                                  \
+      const T* dy, const T* z, const P* gamma, const P* beta, const P* mean, const P* invstd,      \
+      int N, int C, int W, int chunk, int do_relu, float* ws_g, float* ws_gx) {                    \
+    fusedres::bn_bwd_reduce<T, P>(dy, z, gamma, beta, mean, invstd, N, C, W, chunk, do_relu, ws_g, \
+                                  ws_gx);                                                          \
+  }                                                                                                \
+  extern "C" __global__ void bn_bwd_dz_##SUF(                                                      \
+      const T* dy, const T* z, const P* gamma, const P* beta, const P* mean, const P* invstd,      \
+      const float* coef, int N, int C, int W, int chunk, int do_relu, int batch_stats, float* dz,  \
+      float* ws_dz) {                                                                              \
+    fusedres::bn_bwd_dz<T, P>(dy, z, gamma, beta, mean, invstd, coef, N, C, W, chunk, do_relu,     \
+                              batch_stats, dz, ws_dz);                                             \
   }
 
 FUSEDRES_DATA_KERNELS(f32, float)

@@ -145,8 +145,8 @@ namespace cuemu {
 enum State : uint8_t { kReady, kAtSync, kAtWarp, kDone };
 enum WarpOpKind : int { kSyncwarp, kShflIdx, kShflUp, kShflDown, kShflXor };
 inline const char* op_name(int kind) {
-  static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync",
-                                "__shfl_down_sync", "__shfl_xor_sync"};
+  static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
+                                "__shfl_xor_sync"};
   return names[kind];
 }
 
@@ -224,8 +224,8 @@ __attribute__((format(printf, 1, 2))) inline void fail(const char* fmt, ...) {
       va_start(ap, fmt);
       vsnprintf(msg, sizeof msg, fmt, ap);
       va_end(ap);
-      snprintf(l->error, sizeof l->error, "block (%u,%u,%u): %s", w->block_idx.x,
-               w->block_idx.y, w->block_idx.z, msg);
+      snprintf(l->error, sizeof l->error, "block (%u,%u,%u): %s", w->block_idx.x, w->block_idx.y,
+               w->block_idx.z, msg);
       l->failed.store(true);
     }
   }
@@ -289,10 +289,11 @@ inline int release_warp_ops(Thread* lanes, int nlanes) {
       const Thread& u = lanes[j];
       if (!(group & (1u << j))) continue;
       if (u.op != t.op || u.mask != t.mask || u.width != t.width) {
-        fail("lanes %d and %d of warp %d meet at different warp operations: %s (%s:%d) mask "
-             "0x%08x width %d, and %s (%s:%d) mask 0x%08x width %d", i, j, t.warp,
-             op_name(t.op), t.site.file, t.site.line, t.mask, t.width, op_name(u.op),
-             u.site.file, u.site.line, u.mask, u.width);
+        fail(
+            "lanes %d and %d of warp %d meet at different warp operations: %s (%s:%d) mask "
+            "0x%08x width %d, and %s (%s:%d) mask 0x%08x width %d",
+            i, j, t.warp, op_name(t.op), t.site.file, t.site.line, t.mask, t.width, op_name(u.op),
+            u.site.file, u.site.line, u.mask, u.width);
         return -1;
       }
     }
@@ -307,17 +308,30 @@ inline int release_warp_ops(Thread* lanes, int nlanes) {
       int src;
       bool ok;
       switch (u.op) {
-        case kShflUp: src = j - u.arg; ok = src >= max_lane; break;
-        case kShflDown: src = j + u.arg; ok = src <= max_lane; break;
-        case kShflXor: src = j ^ u.arg; ok = src <= max_lane; break;
-        default: src = min_lane | (u.arg & ~segmask); ok = src <= max_lane; break;
+        case kShflUp:
+          src = j - u.arg;
+          ok = src >= max_lane;
+          break;
+        case kShflDown:
+          src = j + u.arg;
+          ok = src <= max_lane;
+          break;
+        case kShflXor:
+          src = j ^ u.arg;
+          ok = src <= max_lane;
+          break;
+        default:
+          src = min_lane | (u.arg & ~segmask);
+          ok = src <= max_lane;
+          break;
       }
       if (!ok) src = j;
       if (!(group & (1u << src))) {
-        fail("thread (%u,%u,%u): %s (%s:%d) reads lane %d, which %s", u.idx.x, u.idx.y,
-             u.idx.z, op_name(u.op), u.site.file, u.site.line, src,
-             src >= nlanes ? "does not exist (partial warp)"
-             : lanes[src].state == kDone ? "has returned" : "is outside the mask");
+        fail("thread (%u,%u,%u): %s (%s:%d) reads lane %d, which %s", u.idx.x, u.idx.y, u.idx.z,
+             op_name(u.op), u.site.file, u.site.line, src,
+             src >= nlanes               ? "does not exist (partial warp)"
+             : lanes[src].state == kDone ? "has returned"
+                                         : "is outside the mask");
         return -1;
       }
       u.result = lanes[src].value;
@@ -501,8 +515,8 @@ template <class T>
 inline T warp_op(int kind, unsigned mask, T var, int arg, int width, Site site) {
   Thread* t = tl_thread;
   if (width < 1 || width > 32 || (width & (width - 1)))
-    fail("%s (%s:%d): width %d is not a power of 2 in [1, 32]", op_name(kind), site.file,
-         site.line, width);
+    fail("%s (%s:%d): width %d is not a power of 2 in [1, 32]", op_name(kind), site.file, site.line,
+         width);
   t->op = kind;
   t->mask = mask;
   t->width = width;
@@ -554,8 +568,8 @@ inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSi
 // Arithmetic: the CUDA overloads of min/max, and rounding intrinsics (round-to-nearest-even,
 // never contracted: build.py compiles with -ffp-contract=off, as these intrinsics promise).
 
-#define CUEMU_MINMAX(T)                                 \
-  inline T min(T a, T b) { return b < a ? b : a; }      \
+#define CUEMU_MINMAX(T)                            \
+  inline T min(T a, T b) { return b < a ? b : a; } \
   inline T max(T a, T b) { return a < b ? b : a; }
 CUEMU_MINMAX(int)
 CUEMU_MINMAX(unsigned)
@@ -643,7 +657,7 @@ inline __half __ushort_as_half(unsigned short b) {
   return h;
 }
 // One half operation in float, rounded once: exact for + - * / (float has > 2 * 11 + 2 bits).
-#define CUEMU_HALF_OP(OP)                                                             \
+#define CUEMU_HALF_OP(OP) \
   inline __half operator OP(__half a, __half b) { return __half(float(a) OP float(b)); }
 CUEMU_HALF_OP(+)
 CUEMU_HALF_OP(-)
