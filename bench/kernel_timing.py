@@ -16,7 +16,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (N, Cin, L, Cout, K, stride, pad, dilation, groups)
+# name: (N, Cin, L, Cout, K, stride, pad, dilate, num_group)
 SHAPES = {
     "ref": (32, 64, 1024, 64, 3, 1, 1, 1, 1),
     "k5": (8, 256, 512, 256, 5, 1, 2, 1, 1),
@@ -59,7 +59,7 @@ class Kernels:
     def fwd(self):
         self.C.conv1d_bn_relu_forward_train(self.x, self.w, self.b, self.gamma, self.beta, self.rm,
                                             self.rv, self.z, self.mean, self.invstd, self.y,
-                                            *self.hp, 1e-5, 0.9, True, True)
+                                            *self.hp, 1e-5, 0.9, True)
 
     def bwd(self):
         self.C.conv1d_bn_relu_backward(self.dy, self.x, self.w, self.z, self.gamma, self.beta,

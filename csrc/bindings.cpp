@@ -9,22 +9,18 @@
 #include <string>
 #include <vector>
 
+#include "conv_attrs.h"
 #include "cpu/add_relu.h"
 #include "cpu/conv1d_bn_relu.h"
 #include "cpu/threads.h"
 
 namespace py = pybind11;
 using fusedres::Conv1dShape;
+using fusedres::shape_str;
 
 namespace {
 
 enum class DType { f32, f64 };
-
-std::string shape_str(const std::vector<int64_t>& v) {
-  std::string s = "(";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + (v.size() == 1 ? ",)" : ")");
-}
 
 // A checked view of one numpy argument.
 struct Arg {
@@ -76,37 +72,15 @@ void require(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error(msg);
 }
 
-// Checks data and weight against the conv hyper-parameters; returns the shape they imply.
-Conv1dShape conv_shape(const Arg& x, const Arg& w, int64_t stride, int64_t pad, int64_t dilation,
-                       int64_t groups) {
-  require(x.arr.ndim() == 3,
-          "data must be 3-D (batch, channels, width), got " + shape_str(x.shape()));
-  require(w.arr.ndim() == 3,
-          "weight must be 3-D (out_channels, in_channels / groups, "
-          "kernel), got " +
-              shape_str(w.shape()));
-  require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
-  require(dilation >= 1, "dilation must be >= 1, got " + std::to_string(dilation));
-  require(pad >= 0, "pad must be >= 0, got " + std::to_string(pad));
-  require(groups >= 1, "groups must be >= 1, got " + std::to_string(groups));
-  Conv1dShape s{x.shape()[0], x.shape()[1], x.shape()[2], w.shape()[0], w.shape()[2],
-                stride,       pad,          dilation,     groups};
-  require(s.N > 0 && s.Cin > 0 && s.L > 0,
-          "data must have no zero-size dimension, got " + shape_str(x.shape()));
-  require(s.Cout > 0 && s.K > 0,
-          "weight must have no zero-size dimension, got " + shape_str(w.shape()));
-  require(s.Cin % groups == 0, "groups (" + std::to_string(groups) +
-                                   ") must divide data's channels (" + std::to_string(s.Cin) + ")");
-  require(s.Cout % groups == 0, "groups (" + std::to_string(groups) +
-                                    ") must divide weight's out_channels (" +
-                                    std::to_string(s.Cout) + ")");
-  require(w.shape()[1] == s.Cin / groups, "weight's in_channels (" + std::to_string(w.shape()[1]) +
-                                              ") must equal data's channels / groups (" +
-                                              std::to_string(s.Cin / groups) + ")");
-  require(s.L + 2 * pad >= dilation * (s.K - 1) + 1,
-          "kernel (dilated extent " + std::to_string(dilation * (s.K - 1) + 1) +
-              ") is larger than the padded width (" + std::to_string(s.L + 2 * pad) + ")");
-  return s;
+// The checks of csrc/conv_attrs.h (data, weight and the hyper-parameters); returns the shape
+// they imply.
+Conv1dShape conv_shape(const Arg& x, const Arg& w, int64_t stride, int64_t pad, int64_t dilate,
+                       int64_t num_group, double eps = 1e-5, double momentum = 0.9) {
+  fusedres::ConvAttrs a;
+  const std::string err = fusedres::check_kernel_call(x.shape(), w.shape(), stride, pad, dilate,
+                                                      num_group, eps, momentum, &a);
+  require(err.empty(), err);
+  return fusedres::conv_shape(a, x.shape()[0], x.shape()[1], x.shape()[2]);
 }
 
 std::vector<int64_t> out_shape(const Conv1dShape& s) { return {s.N, s.Cout, s.Lout()}; }
@@ -114,29 +88,27 @@ std::vector<int64_t> out_shape(const Conv1dShape& s) { return {s.N, s.Cout, s.Lo
 void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
                    py::array beta_, py::array rmean_, py::array rvar_, py::array z_,
                    py::array mean_, py::array invstd_, py::array y_, int64_t stride, int64_t pad,
-                   int64_t dilation, int64_t groups, double eps, double momentum,
-                   bool use_batch_stats, bool update_running, bool relu) {
+                   int64_t dilate, int64_t num_group, double eps, double momentum, bool batch_stats,
+                   bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
-      beta(beta_, "beta", false), rmean(rmean_, "running_mean", update_running),
-      rvar(rvar_, "running_var", update_running), z(z_, "saved conv output", true),
+      beta(beta_, "beta", false), rmean(rmean_, "running_mean", batch_stats),
+      rvar(rvar_, "running_var", batch_stats), z(z_, "saved conv output", true),
       mean(mean_, "saved mean", true), invstd(invstd_, "saved invstd", true), y(y_, "output", true);
   auto bias = opt_arg(bias_, "bias", false);
   const DType d = x.dtype();
   same_dtype(d,
              {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &z, &mean, &invstd, &y});
-  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilate, num_group, eps, momentum);
   for (const Arg* a : {bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &mean, &invstd})
     if (a) a->expect({s.Cout});
   z.expect(out_shape(s));
   y.expect(out_shape(s));
-  require(eps > 0, "eps must be > 0");
-  const bool keep_running = update_running || !use_batch_stats;
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    fusedres::conv1d_bn_relu_forward_train<T>(
-        s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias), gamma.ptr<T>(), beta.ptr<T>(),
-        keep_running ? rmean.ptr<T>() : nullptr, keep_running ? rvar.ptr<T>() : nullptr, eps,
-        momentum, use_batch_stats, z.ptr<T>(), mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>(), relu);
+    fusedres::conv1d_bn_relu_forward_train<T>(s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias),
+                                              gamma.ptr<T>(), beta.ptr<T>(), rmean.ptr<T>(),
+                                              rvar.ptr<T>(), eps, momentum, batch_stats, z.ptr<T>(),
+                                              mean.ptr<T>(), invstd.ptr<T>(), y.ptr<T>(), relu);
   };
   py::gil_scoped_release release;
   if (d == DType::f32)
@@ -147,18 +119,17 @@ void forward_train(py::array x_, py::array w_, std::optional<py::array> bias_, p
 
 void forward_infer(py::array x_, py::array w_, std::optional<py::array> bias_, py::array gamma_,
                    py::array beta_, py::array rmean_, py::array rvar_, py::array y_, int64_t stride,
-                   int64_t pad, int64_t dilation, int64_t groups, double eps, bool relu) {
+                   int64_t pad, int64_t dilate, int64_t num_group, double eps, bool relu) {
   Arg x(x_, "data", false), w(w_, "weight", false), gamma(gamma_, "gamma", false),
       beta(beta_, "beta", false), rmean(rmean_, "running_mean", false),
       rvar(rvar_, "running_var", false), y(y_, "output", true);
   auto bias = opt_arg(bias_, "bias", false);
   const DType d = x.dtype();
   same_dtype(d, {&w, bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar, &y});
-  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilate, num_group, eps);
   for (const Arg* a : {bias ? &*bias : nullptr, &gamma, &beta, &rmean, &rvar})
     if (a) a->expect({s.Cout});
   y.expect(out_shape(s));
-  require(eps > 0, "eps must be > 0");
   auto run = [&](auto tag) {
     using T = decltype(tag);
     fusedres::conv1d_bn_relu_forward_infer<T>(s, x.ptr<T>(), w.ptr<T>(), ptr_or_null<T>(bias),
@@ -176,7 +147,7 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
               py::array beta_, py::array mean_, py::array invstd_, std::optional<py::array> dx_,
               std::optional<py::array> dw_, std::optional<py::array> dbias_,
               std::optional<py::array> dgamma_, std::optional<py::array> dbeta_, int64_t stride,
-              int64_t pad, int64_t dilation, int64_t groups, bool batch_stats, bool relu) {
+              int64_t pad, int64_t dilate, int64_t num_group, bool batch_stats, bool relu) {
   Arg dy(dy_, "out_grad", false), x(x_, "data", false), w(w_, "weight", false),
       z(z_, "saved conv output", false), gamma(gamma_, "gamma", false), beta(beta_, "beta", false),
       mean(mean_, "saved mean", false), invstd(invstd_, "saved invstd", false);
@@ -187,7 +158,7 @@ void backward(py::array dy_, py::array x_, py::array w_, py::array z_, py::array
   auto p = [](std::optional<Arg>& a) -> Arg* { return a ? &*a : nullptr; };
   same_dtype(
       d, {&dy, &w, &z, &gamma, &beta, &mean, &invstd, p(dx), p(dw), p(dbias), p(dgamma), p(dbeta)});
-  const Conv1dShape s = conv_shape(x, w, stride, pad, dilation, groups);
+  const Conv1dShape s = conv_shape(x, w, stride, pad, dilate, num_group);
   dy.expect(out_shape(s));
   z.expect(out_shape(s));
   for (const Arg* a : {&gamma, &beta, &mean, &invstd, p(dbias), p(dgamma), p(dbeta)})
@@ -252,21 +223,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"), py::arg("out"),
-        py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("groups"), py::arg("eps"),
-        py::arg("momentum"), py::arg("use_batch_stats"), py::arg("update_running"),
-        py::arg("relu") = true,
+        py::arg("stride"), py::arg("pad"), py::arg("dilate"), py::arg("num_group"), py::arg("eps"),
+        py::arg("momentum"), py::arg("batch_stats"), py::arg("relu") = true,
         "Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward; "
         "relu=False leaves out the relu.");
   m.def("conv1d_bn_relu_forward_infer", &forward_infer, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("out"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("groups"), py::arg("eps"), py::arg("relu") = true,
+        py::arg("dilate"), py::arg("num_group"), py::arg("eps"), py::arg("relu") = true,
         "Conv1d+BN+ReLU inference with BN folded into the conv.");
   m.def("conv1d_bn_relu_backward", &backward, py::arg("out_grad"), py::arg("data"),
         py::arg("weight"), py::arg("z"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
         py::arg("invstd"), py::arg("data_grad"), py::arg("weight_grad"), py::arg("bias_grad"),
         py::arg("gamma_grad"), py::arg("beta_grad"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("groups"), py::arg("batch_stats"), py::arg("relu") = true,
+        py::arg("dilate"), py::arg("num_group"), py::arg("batch_stats"), py::arg("relu") = true,
         "Conv1d+BN+ReLU backward; a None gradient is not computed.");
   m.def("add_relu_forward", &add_relu_fwd, py::arg("lhs"), py::arg("rhs"), py::arg("out"),
         "out = max(lhs + rhs, 0)");

@@ -1,4 +1,4 @@
-// The conv1d_bn_relu op's attributes and their checks: the C++ mirror of fusedres/ops/attrs.py
+// The conv1d_bn_relu op's attributes and their checks: the C++ mirror of fusedres/attrs.py
 // (same names, defaults, limits and messages), used by the MXNet op library (csrc/mxop) and the
 // pybind11 module (csrc/bindings.cpp). Each message names the attribute or the input at fault.
 #pragma once
@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cpu/conv1d_bn_relu.h"
 
@@ -93,6 +94,46 @@ inline std::string check_conv_data(const ConvAttrs& a, int64_t n, int64_t c, int
     return "weight (" + std::to_string(a.num_filter) + ", " + std::to_string(c / a.num_group) +
            ", " + std::to_string(a.kernel) + ") has more than " + std::to_string(kMaxExtent) +
            " elements";
+  return "";
+}
+
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// The checks of a kernel call (fusedres._C), as fusedres.attrs.ConvAttrs.for_kernel: the
+// attributes, then data, then the weight's shape, which gives kernel and num_filter. Fills
+// `out` and returns "" when valid.
+inline std::string check_kernel_call(const std::vector<int64_t>& data,
+                                     const std::vector<int64_t>& weight, int64_t stride,
+                                     int64_t pad, int64_t dilate, int64_t num_group, double eps,
+                                     double momentum, ConvAttrs* out) {
+  if (weight.size() != 3)
+    return "weight must be 3-D (num_filter, channels / num_group, kernel), got shape " +
+           shape_str(weight);
+  if (weight[0] < 1 || weight[1] < 1 || weight[2] < 1)
+    return "weight must have no zero-size dimension, got shape " + shape_str(weight);
+  ConvAttrs a;
+  a.num_filter = weight[0];
+  a.kernel = weight[2];
+  a.stride = stride;
+  a.pad = pad;
+  a.dilate = dilate;
+  a.num_group = num_group;
+  a.eps = eps;
+  a.momentum = momentum;
+  std::string e = check_conv_attrs(a);
+  if (!e.empty()) return e;
+  if (data.size() != 3)
+    return "data must be 3-D (batch, channels, width), got shape " + shape_str(data);
+  if (!(e = check_conv_data(a, data[0], data[1], data[2])).empty()) return e;
+  const std::vector<int64_t> expected = {a.num_filter, data[1] / a.num_group, a.kernel};
+  if (weight != expected)
+    return "weight must have shape " + shape_str(expected) + " for data of shape " +
+           shape_str(data) + ", got " + shape_str(weight);
+  *out = a;
   return "";
 }
 

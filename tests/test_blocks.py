@@ -9,14 +9,14 @@ import textwrap
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import assert_close
+from helpers import assert_close
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import fusedres
 from fusedres.nn import AddReLU, ConvBNReLU1D
 
-# Every test here runs on both implementations (conftest.impl_env).
+# Every test here runs on both implementations (conftest.py: impl_env).
 pytestmark = pytest.mark.usefixtures("impl_env")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 
 import dist_worker as dw
+from helpers import TOL
 
 STEPS = 3
 CTXS = [mx.cpu(0), mx.cpu(1)]
-RTOL, ATOL = 1e-6, 1e-7
+RTOL, ATOL = TOL["data_parallel"]
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 

@@ -7,7 +7,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import conv_with_ones
+from helpers import conv_with_ones
 
 import fusedres
 from fusedres import _C
@@ -146,7 +146,7 @@ def test_kernel_level_checks_name_the_argument():
     w = np.ones((4, 3, 3), np.float32)
     c = np.ones(4, np.float32)
     y = np.empty((2, 4, 8), np.float32)
-    args = dict(stride=1, pad=0, dilation=1, groups=1, eps=1e-5)
+    args = dict(stride=1, pad=0, dilate=1, num_group=1, eps=1e-5)
     with pytest.raises(ValueError, match=r"out must have shape|output must have shape"):
         _C.conv1d_bn_relu_forward_infer(x, w, None, c, c, c, c, np.empty((2, 4, 9), np.float32),
                                         **args)
@@ -192,7 +192,7 @@ def test_huge_strides_compute_what_the_reference_computes(stride, impl):
                                         v, dtype="float64") for v in (c * 0, c, c * 0, c * 0, c)),
                                     kernel=3, num_filter=4, stride=stride, use_native=impl)
     ref = R.conv1d_bn_relu_forward(x, w, c * 0, c, c * 0, c * 0, c, stride=stride,
-                                   training=False)[0]
+                                   is_train=False)[0]
     assert y.shape == ref.shape == (2, 4, 1)
     np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-12, atol=1e-12)
 

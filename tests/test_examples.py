@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-# Every test here runs on both implementations (conftest.impl_env).
+# Every test here runs on both implementations (conftest.py: impl_env).
 pytestmark = pytest.mark.usefixtures("impl_env")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,14 +2,14 @@
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import assert_close
+from helpers import assert_close
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import fusedres
 from fusedres.nn import ConvBN1D, ConvBNReLU1D
 
-# Every test here runs on both implementations (conftest.impl_env).
+# Every test here runs on both implementations (conftest.py: impl_env).
 pytestmark = pytest.mark.usefixtures("impl_env")
 
 # Channel counts off multiples of 8: the stock model must train too, to be compared with.

@@ -7,7 +7,7 @@ plain schedule (tests/test_cuda_kernels.py runs the kernels themselves in both).
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import (MOMENTUM, assert_close, away_from_kink, conv_inputs, nd_inputs,
+from helpers import (MOMENTUM, assert_close, away_from_kink, conv_inputs, nd_inputs,
                       reference_step, run_step)
 from cuda_emu import fake_cupy
 from cuda_emu.mxnet_gpu import cpu_as_gpu
@@ -122,7 +122,7 @@ def test_conv1d_bn_relu(gpu, case, mode, relu):
     train_mode, use_global_stats = MODES[mode]
     inp, conv = conv_inputs(CASES[case], np.float32)
     training = train_mode and not use_global_stats
-    y_ref, dy, grads, rm, rv = reference_step(inp, conv, training=train_mode,
+    y_ref, dy, grads, rm, rv = reference_step(inp, conv, is_train=train_mode,
                                               use_global_stats=use_global_stats, relu=relu)
     arrs = nd_inputs(inp)
     y = run_step(fusedres.conv1d_bn_relu, arrs, conv, dy, train_mode=train_mode,
@@ -188,7 +188,7 @@ def test_conv1d_bn_relu_float16_with_float32_batchnorm_arrays(gpu):
                                     use_native=False, **conv)
     y_ref = R.conv1d_bn_relu_forward(
         f64["data"], f64["weight"], f64["bias"], f64["gamma"], f64["beta"], rm, rv,
-        conv["stride"], conv["pad"], conv["dilate"], conv["num_group"], 1e-5, training=False)[0]
+        conv["stride"], conv["pad"], conv["dilate"], conv["num_group"], 1e-5, is_train=False)[0]
     assert_close(y.asnumpy(), y_ref, np.float16, "inference output")
 
 
@@ -260,7 +260,7 @@ class RefConv:
         self.y, self.cache, rm, rv = R.conv1d_bn_relu_forward(
             x, p["weight"], p["bias"], p["gamma"], p["beta"], p["running_mean"],
             p["running_var"], b._stride, b._pad, b._dilate, b._groups, b._epsilon,
-            b._attrs.momentum, training=training, use_global_stats=b._use_global_stats,
+            b._attrs.momentum, is_train=training, use_global_stats=b._use_global_stats,
             relu=b._relu)
         if training:
             p["running_mean"], p["running_var"] = rm, rv

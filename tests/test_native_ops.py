@@ -12,7 +12,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import CONV_CASES, GRAD_NAMES, assert_close, conv_inputs, reference_step
+from helpers import CONV_CASES, GRAD_NAMES, assert_close, conv_inputs, reference_step
 from mxnet import autograd
 
 import fusedres
@@ -196,8 +196,8 @@ def test_executor_honours_is_train_of_each_forward(dtype):
     """Bound once, run in training and in inference alternately (as Module does for a
     validation pass): each forward computes its mode, and only training moves the stats."""
     inp, conv = conv_inputs(CONV_CASES[2].values[0], dtype, seed=21)
-    y_train, dy, grads, rm, rv = reference_step(inp, conv, training=True)
-    y_infer = reference_step(inp, conv, training=False)[0]
+    y_train, dy, grads, rm, rv = reference_step(inp, conv, is_train=True)
+    y_infer = reference_step(inp, conv, is_train=False)[0]
     ex, g = _bound(inp, conv)
     for _ in range(2):
         ex.aux_dict["running_mean"][:] = inp["running_mean"]

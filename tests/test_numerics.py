@@ -82,7 +82,7 @@ def test_infinite_or_nan_scale_in_inference_is_not_folded_away(value, impl):
          for n in ("weight", "bias", "gamma", "beta", "running_mean", "running_var")}
     ref = R.conv1d_bn_relu_forward(x.asnumpy().astype(np.float64), p["weight"], p["bias"],
                                    p["gamma"], p["beta"], p["running_mean"],
-                                   p["running_var"], pad=1, training=False)[0]
+                                   p["running_var"], pad=1, is_train=False)[0]
     assert_same_numbers(y, ref, "inference vs reference")
     if not np.isnan(value):
         # (Stock Activation('relu') after an MKLDNN BatchNorm turns NaN into 0, where MXNet's
@@ -111,7 +111,7 @@ def test_nan_and_inf_inputs_reach_outputs_and_gradients(training, impl):
     with np.errstate(invalid="ignore", over="ignore"):
         ref_y, cache, ref_rm, _ = R.conv1d_bn_relu_forward(
             case["x"], case["w"], case["b"], case["g"], case["be"], case["rm"], case["rv"],
-            pad=1, training=training)
+            pad=1, is_train=training)
         grads = R.conv1d_bn_relu_backward(dy, cache)
     assert_same_numbers(y.asnumpy(), ref_y, "output")
     for k, name in (("x", "data"), ("w", "weight"), ("b", "bias"), ("g", "gamma"),

@@ -6,7 +6,7 @@ import functools
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import (CONV_CASES, GRAD_NAMES, TOL, assert_close, assert_step, away_from_kink,
+from helpers import (CONV_CASES, GRAD_NAMES, TOL, assert_close, assert_step, away_from_kink,
                       conv_inputs, nd_inputs, reference_step, run_step)
 from mxnet import autograd
 from mxnet.test_utils import check_numeric_gradient
@@ -72,7 +72,7 @@ def test_conv_bn_without_relu(case, dtype, impl):
     _assert_step(fused, y, ref_y, grads, rm, rv, dtype)
     stock = _nd(inp)
     _assert_step(stock, _stock(stock, conv, dy, relu=False), ref_y, grads, rm, rv, dtype)
-    ref_inf = _reference(inp, conv, training=False, relu=False)[0]
+    ref_inf = _reference(inp, conv, is_train=False, relu=False)[0]
     arrs = _nd(inp)
     y = _op(impl)(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"],
                                 arrs["beta"], arrs["running_mean"], arrs["running_var"],
@@ -96,7 +96,7 @@ def test_use_global_stats_training(case, dtype, impl):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_inference_uses_running_stats(case, dtype, impl):
     inp, conv = conv_inputs(case, dtype, seed=4)
-    ref_y, _, _, _, _ = _reference(inp, conv, training=False)
+    ref_y, _, _, _, _ = _reference(inp, conv, is_train=False)
     arrs = _nd(inp)
     y = _op(impl)(arrs["data"], arrs["weight"], arrs["bias"], arrs["gamma"],
                                 arrs["beta"], arrs["running_mean"], arrs["running_var"], **conv)
@@ -108,7 +108,7 @@ def test_inference_uses_running_stats(case, dtype, impl):
 def test_backward_in_predict_mode_uses_running_stats(dtype, impl):
     """autograd.record(train_mode=False): the forward folds BN; backward must still work."""
     inp, conv = conv_inputs(CONV_CASES[0].values[0], dtype, seed=5)
-    ref_y, dy, grads, rm, rv = _reference(inp, conv, training=False)
+    ref_y, dy, grads, rm, rv = _reference(inp, conv, is_train=False)
     fused = _nd(inp)
     y = _fused(impl, fused, conv, dy, train_mode=False)
     _assert_step(fused, y, ref_y, grads, rm, rv, dtype)
@@ -228,4 +228,4 @@ def test_add_relu_numeric_gradient_float64(impl):
 
 def test_tolerance_table_is_strict_enough():
     # The float64 path must agree with the float64 reference to near machine precision.
-    assert TOL[np.dtype(np.float64)] <= 1e-8
+    assert TOL["impl"][np.dtype(np.float64)] <= 1e-8

@@ -25,7 +25,7 @@ What MXNet does, as measured here (MXNet 1.9.1 CPU wheel, MKLDNN compiled in):
   makes BatchNorm's backward take the batch-statistics branch with the running statistics in
   place of the batch ones: the data/weight/bias gradients then match neither mode (gamma/beta
   do). The "infer" cases therefore call backward(train_mode=False), which matches the
-  reference's training=False gradients exactly.
+  reference's is_train=False gradients exactly.
 """
 import importlib.util
 import os
@@ -36,21 +36,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import EPS, MOMENTUM, TOL
 
 from fusedres import reference as R
 
 HERE = Path(__file__).resolve().parent
 STOCK_PATH = HERE / "mxnet_stock.py"
 
-# One tolerance table. A comparison passes when max|actual - expected| <= TOL[key] * scale,
-# scale being max|expected| unless a natural magnitude is given (see grad_scales). "fd" is the
-# 5-point central difference in float64 (h = FD_STEP).
-TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4, "fd": 1e-9}
+# The tolerances are helpers.TOL's "kernel" row (by dtype) and its "fd" row (the 5-point
+# central difference in float64, h = FD_STEP). A comparison passes when
+# max|actual - expected| <= tolerance * scale, scale being max|expected| unless a natural
+# magnitude is given (see grad_scales).
+KERNEL_TOL = TOL["kernel"]
 FD_STEP = 1e-3
 FD_MARGIN = 0.05      # |pre-activation| kept above this where dy != 0 in finite-difference cases
 CMP_MARGIN = 1e-3     # the same in the comparisons with MXNet
-EPS = 1e-5
-MOMENTUM = float(np.float32(0.9))   # what MXNet really uses for momentum=0.9 (a C++ float)
 GRADS = ("data", "weight", "bias", "gamma", "beta")
 
 
@@ -127,8 +127,8 @@ def reference_forward(c, dtype, momentum=MOMENTUM):
     a = as_dtype(c, dtype)
     return R.conv1d_bn_relu_forward(
         a["x"], a["w"], a["b"], a["gamma"], a["beta"], a["rm"], a["rv"], stride=c["stride"],
-        pad=c["pad"], dilation=c["dilation"], groups=c["groups"], eps=c["eps"],
-        momentum=momentum, training=c["mode"] != "infer", use_global_stats=c["mode"] == "global")
+        pad=c["pad"], dilate=c["dilation"], num_group=c["groups"], eps=c["eps"],
+        momentum=momentum, is_train=c["mode"] != "infer", use_global_stats=c["mode"] == "global")
 
 
 def reference_step(c, dtype):
@@ -162,7 +162,7 @@ def compare_step(got, c, dtype, what):
     scales = grad_scales(c, cache)
     assert set(got) == set(ref), f"{what}: {sorted(got)} vs {sorted(ref)}"
     for k in ref:
-        assert_close(got[k], ref[k], TOL[np.dtype(dtype)], scales.get(k), f"{what} {k}")
+        assert_close(got[k], ref[k], KERNEL_TOL[np.dtype(dtype)], scales.get(k), f"{what} {k}")
 
 
 # (name, n, cin, cout, width, kernel, stride, pad, dilation, groups, bias)
@@ -228,7 +228,7 @@ def test_conv1d_bn_relu_finite_differences(shape, mode):
         y, cch, _, _ = R.conv1d_bn_relu_forward(
             a["data"], a["weight"], a.get("bias"), a["gamma"], a["beta"], c["rm"], c["rv"],
             c["stride"], c["pad"], c["dilation"], c["groups"], c["eps"], MOMENTUM,
-            training=mode != "infer", use_global_stats=mode == "global")
+            is_train=mode != "infer", use_global_stats=mode == "global")
         # the perturbation must not move any element with dy != 0 across the kink
         assert np.array_equal(cch["pre"][active] > 0, base_side)
         return float((c["dy"] * y).sum())
@@ -267,8 +267,9 @@ def test_running_stats_update_formula():
     rm0, rv0 = c["rm"].copy(), c["rv"].copy()
     _, _, rm, rv = reference_forward(c, np.float64, momentum=0.75)
     z = R.conv1d(c["x"], c["w"], c["b"], c["stride"], c["pad"], c["dilation"], c["groups"])
-    assert_close(rm, 0.75 * rm0 + 0.25 * z.mean(axis=(0, 2)), TOL[np.dtype(np.float64)])
-    assert_close(rv, 0.75 * rv0 + 0.25 * z.var(axis=(0, 2), ddof=0), TOL[np.dtype(np.float64)])
+    tol = KERNEL_TOL[np.dtype(np.float64)]
+    assert_close(rm, 0.75 * rm0 + 0.25 * z.mean(axis=(0, 2)), tol)
+    assert_close(rv, 0.75 * rv0 + 0.25 * z.var(axis=(0, 2), ddof=0), tol)
     np.testing.assert_array_equal(c["rm"], rm0)
     np.testing.assert_array_equal(c["rv"], rv0)
 
@@ -281,7 +282,7 @@ def test_float32_reference_dtypes_and_accuracy():
     scales = grad_scales(c, cache)
     for k, v in ref32.items():
         assert v.dtype == np.float32, (k, v.dtype)
-        assert_close(v, ref64[k], TOL[np.dtype(np.float32)], scales.get(k), f"float32 {k}")
+        assert_close(v, ref64[k], KERNEL_TOL[np.dtype(np.float32)], scales.get(k), f"float32 {k}")
 
 
 def naive_conv1d(x, w, b, stride, pad, dilation, groups):
@@ -309,7 +310,7 @@ def test_conv1d_naive_and_finite_differences(shape):
     c = make_case(f"conv-{name}", *dims)
     args = (c["stride"], c["pad"], c["dilation"], c["groups"])
     z = R.conv1d(c["x"], c["w"], c["b"], *args)
-    assert_close(z, naive_conv1d(c["x"], c["w"], c["b"], *args), TOL[np.dtype(np.float64)])
+    assert_close(z, naive_conv1d(c["x"], c["w"], c["b"], *args), KERNEL_TOL[np.dtype(np.float64)])
     assert z.shape[2] == R.conv1d_out_width(c["x"].shape[2], c["w"].shape[2], c["stride"],
                                             c["pad"], c["dilation"])
     dz = c["dz"]
@@ -416,7 +417,7 @@ def test_mxnet_running_var_is_biased(mx_inproc, layout, dtype):
     z = R.conv1d(*(np.asarray(c[k], np.float64) for k in ("x", "w", "b")), c["stride"],
                  c["pad"], c["dilation"], c["groups"])
     batch_var = (got["rv"] - MOMENTUM * c["rv"]) / (1 - MOMENTUM)
-    tol = TOL[np.dtype(dtype)] * 10     # the division by 1 - momentum amplifies rounding 10x
+    tol = KERNEL_TOL[np.dtype(dtype)] * 10     # the division by 1 - momentum amplifies rounding 10x
     assert_close(batch_var, z.var(axis=(0, 2), ddof=0), tol, what="biased")
     assert np.abs(batch_var / z.var(axis=(0, 2), ddof=1) - 1).min() > 0.03   # not unbiased
     if dtype == "float64":
@@ -424,7 +425,7 @@ def test_mxnet_running_var_is_biased(mx_inproc, layout, dtype):
         with_09 = 0.9 * c["rv"] + 0.1 * z.var(axis=(0, 2))
         assert np.abs(got["rv"] - with_09).max() > 1e-9
         assert_close(got["rv"], MOMENTUM * c["rv"] + (1 - MOMENTUM) * z.var(axis=(0, 2)),
-                     TOL[np.dtype(dtype)])
+                     KERNEL_TOL[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -111,7 +111,7 @@ void scatter_windows(const Conv1dShape& s, const T* dxg, T* dx) {
 template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, T* running_mean, T* running_var,
-                                  double eps, double momentum, bool use_batch_stats, T* z, T* mean,
+                                  double eps, double momentum, bool batch_stats, T* z, T* mean,
                                   T* invstd, T* y, bool relu) {
   const ThreadScope threads;
   if (gathers(s)) {
@@ -119,10 +119,10 @@ void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, 
     Scratch<T> xg(g.N * g.Cin * g.L);
     gather_windows(s, x, xg.p);
     return conv1d_bn_relu_forward_train(g, xg.p, w, bias, gamma, beta, running_mean, running_var,
-                                        eps, momentum, use_batch_stats, z, mean, invstd, y, relu);
+                                        eps, momentum, batch_stats, z, mean, invstd, y, relu);
   }
   FUSEDRES_DISPATCH(forward_train(s, x, w, bias, gamma, beta, running_mean, running_var, eps,
-                                  momentum, use_batch_stats, z, mean, invstd, y, relu))
+                                  momentum, batch_stats, z, mean, invstd, y, relu))
 }
 
 template <typename T>

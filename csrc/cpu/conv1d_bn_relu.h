@@ -17,14 +17,14 @@ struct Conv1dShape {
 // Training forward (or any forward that keeps what backward needs).
 // z:      conv output before normalization, (N, Cout, Lout), saved for backward.
 // mean, invstd: per-channel statistics used to normalize, saved for backward.
-// use_batch_stats: normalize with the batch's statistics (biased variance) and, when
+// batch_stats: normalize with the batch's statistics (biased variance) and, when
 //   running_mean/running_var are non-null, update them as MXNet does:
 //   running = momentum * running + (1 - momentum) * batch.
 //   Otherwise normalize with running_mean/running_var (use_global_stats) and leave them alone.
 template <typename T>
 void conv1d_bn_relu_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias,
                                   const T* gamma, const T* beta, T* running_mean, T* running_var,
-                                  double eps, double momentum, bool use_batch_stats, T* z, T* mean,
+                                  double eps, double momentum, bool batch_stats, T* z, T* mean,
                                   T* invstd, T* y, bool relu = true);
 
 // Inference forward: batchnorm folded into the conv weights, relu in the epilogue, one pass.

@@ -366,10 +366,9 @@ template <typename P>
 __device__ void bn_fwd_finalize(const float* __restrict__ psum, const float* __restrict__ pm2,
                                 int ntiles, int M, int C, P* __restrict__ rmean,
                                 P* __restrict__ rvar, P* __restrict__ mean, P* __restrict__ invstd,
-                                double eps, double momentum, int use_batch_stats,
-                                int update_running) {
+                                double eps, double momentum, int batch_stats) {
   const int c = blockIdx.x;
-  if (!use_batch_stats) {
+  if (!batch_stats) {
     if (threadIdx.x == 0) {
       mean[c] = rmean[c];
       invstd[c] = from_f<P>((float)(1.0 / sqrt((double)to_f(rvar[c]) + eps)));
@@ -389,10 +388,8 @@ __device__ void bn_fwd_finalize(const float* __restrict__ psum, const float* __r
   if (threadIdx.x == 0) {
     mean[c] = from_f<P>((float)mu);
     invstd[c] = from_f<P>((float)(1.0 / sqrt(var + eps)));
-    if (update_running) {
-      rmean[c] = from_f<P>((float)(momentum * to_f(rmean[c]) + (1.0 - momentum) * mu));
-      rvar[c] = from_f<P>((float)(momentum * to_f(rvar[c]) + (1.0 - momentum) * var));
-    }
+    rmean[c] = from_f<P>((float)(momentum * to_f(rmean[c]) + (1.0 - momentum) * mu));
+    rvar[c] = from_f<P>((float)(momentum * to_f(rvar[c]) + (1.0 - momentum) * var));
   }
 }
 
@@ -538,9 +535,9 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
 #define FUSEDRES_PARAM_KERNELS(SUF, P)                                                             \
   extern "C" __global__ void bn_fwd_finalize_##SUF(                                                \
       const float* psum, const float* pm2, int ntiles, int M, int C, P* rmean, P* rvar, P* mean,   \
-      P* invstd, double eps, double momentum, int use_batch_stats, int update_running) {           \
+      P* invstd, double eps, double momentum, int batch_stats) {                                   \
     fusedres::bn_fwd_finalize<P>(psum, pm2, ntiles, M, C, rmean, rvar, mean, invstd, eps,          \
-                                 momentum, use_batch_stats, update_running);                       \
+                                 momentum, batch_stats);                                           \
   }                                                                                                \
   extern "C" __global__ void bn_bwd_finalize_##SUF(const float* ws_g, const float* ws_gx,          \
                                                    int nsplits, int C, int M, P* dgamma, P* dbeta, \

@@ -2,9 +2,8 @@
 TypeError or ValueError that names the argument."""
 import numpy as np
 
+from ..attrs import MAX_EXTENT as INT32_MAX  # any hyper-parameter, dimension or tensor size
 from .loader import import_cupy
-
-INT32_MAX = 2**31 - 1   # the ops' MAX_EXTENT: any hyper-parameter, dimension or tensor size
 
 # Kernel name suffix by dtype: the data types the kernels take.
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}

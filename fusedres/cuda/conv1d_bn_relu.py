@@ -5,9 +5,9 @@ statistics) have the data's dtype or float32, as Gluon keeps them under ``cast('
 """
 import numpy as np
 
+from ..attrs import ConvAttrs
 from . import loader
-from .checks import (INT32_MAX, SUFFIX, check, check_opt, expect, require, same_dtype,
-                     shape_str)
+from .checks import SUFFIX, check, check_opt, expect, require, same_dtype
 from .loader import THREADS, cdiv, ptr, sm_count
 
 # Entry points of csrc/cuda/conv1d_bn_relu.cu, as launched below (tests check the cubins have
@@ -38,38 +38,17 @@ def _conv_check_opt(a, name):
 
 
 class _ConvShape:
-    def __init__(self, x, w, stride, pad, dilation, groups):
-        require(x.ndim == 3, f"data must be 3-D (batch, channels, width), got {shape_str(x.shape)}")
-        require(w.ndim == 3, "weight must be 3-D (out_channels, in_channels / groups, kernel), "
-                             f"got {shape_str(w.shape)}")
-        stride, pad, dilation, groups = int(stride), int(pad), int(dilation), int(groups)
-        require(stride >= 1, f"stride must be >= 1, got {stride}")
-        require(dilation >= 1, f"dilation must be >= 1, got {dilation}")
-        require(pad >= 0, f"pad must be >= 0, got {pad}")
-        require(groups >= 1, f"groups must be >= 1, got {groups}")
-        for value, name in ((stride, "stride"), (pad, "pad"), (dilation, "dilation"),
-                            (groups, "groups")):
-            require(value <= INT32_MAX, f"{name} must be <= {INT32_MAX}, got {value}")
+    """The checks of fusedres.attrs.ConvAttrs.for_kernel, then the CUDA kernels' own limits."""
+
+    def __init__(self, x, w, stride, pad, dilate, num_group, eps=1e-5, momentum=0.9):
+        a = ConvAttrs.for_kernel(x.shape, w.shape, stride, pad, dilate, num_group, eps, momentum)
         self.N, self.Cin, self.L = x.shape
-        self.Cout, _, self.K = w.shape
-        self.stride, self.pad, self.dilation, self.groups = stride, pad, dilation, groups
-        require(self.N > 0 and self.Cin > 0 and self.L > 0,
-                f"data must have no zero-size dimension, got {shape_str(x.shape)}")
-        require(self.Cout > 0 and self.K > 0,
-                f"weight must have no zero-size dimension, got {shape_str(w.shape)}")
-        require(self.Cin % groups == 0,
-                f"groups ({groups}) must divide data's channels ({self.Cin})")
-        require(self.Cout % groups == 0,
-                f"groups ({groups}) must divide weight's out_channels ({self.Cout})")
-        require(w.shape[1] == self.Cin // groups,
-                f"weight's in_channels ({w.shape[1]}) must equal data's channels / groups "
-                f"({self.Cin // groups})")
-        extent = dilation * (self.K - 1) + 1
-        require(self.L + 2 * pad >= extent, f"kernel (dilated extent {extent}) is larger than "
-                                            f"the padded width ({self.L + 2 * pad})")
-        require(groups <= _GRID_YZ_MAX, f"groups must be <= {_GRID_YZ_MAX}, got {groups}")
-        self.Lout = (self.L + 2 * pad - extent) // stride + 1
-        self.cin_g, self.cout_g = self.Cin // groups, self.Cout // groups
+        self.Cout, self.K = a.num_filter, a.kernel
+        self.stride, self.pad, self.dilate, self.num_group = a.stride, a.pad, a.dilate, a.num_group
+        require(a.num_group <= _GRID_YZ_MAX,
+                f"num_group must be <= {_GRID_YZ_MAX} for the CUDA kernels, got {a.num_group}")
+        self.Lout = a.out_width(self.L)
+        self.cin_g, self.cout_g = self.Cin // a.num_group, self.Cout // a.num_group
         require(self.cout_g <= _MAX_ROWS, f"weight's out_channels per group ({self.cout_g}) "
                                           f"must be <= {_MAX_ROWS} for the CUDA kernels")
         require(self.cin_g <= _MAX_ROWS, f"data's channels per group ({self.cin_g}) must be "
@@ -79,8 +58,8 @@ class _ConvShape:
         # Input positions reach L + pad - 1 < 2^32 (both at most 2^31 - 1): the kernels compute
         # them modulo 2^32, which needs nothing more.
         require(out <= _CONV_MAX_ELEMENTS,
-                f"pad ({pad}) and stride ({stride}) give an output of {self.N} x {self.Cout} x "
-                f"{self.Lout} elements; the CUDA kernels take at most {_CONV_MAX_ELEMENTS}")
+                f"pad ({a.pad}) and stride ({a.stride}) give an output of {self.N} x {self.Cout} "
+                f"x {self.Lout} elements; the CUDA kernels take at most {_CONV_MAX_ELEMENTS}")
 
     @property
     def out(self):
@@ -88,7 +67,7 @@ class _ConvShape:
 
     def args(self):
         return tuple(np.int32(v) for v in (self.N, self.Cin, self.L, self.Cout, self.K, self.Lout,
-                                           self.stride, self.pad, self.dilation, self.groups))
+                                           self.stride, self.pad, self.dilate, self.num_group))
 
 
 def _param_dtype(data, gamma):
@@ -112,13 +91,13 @@ def _channel_splits(per_channel, channels):
 
 
 def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, running_var, z,
-                                 mean, invstd, out, stride, pad, dilation, groups, eps, momentum,
-                                 use_batch_stats, update_running, relu=True):
+                                 mean, invstd, out, stride, pad, dilate, num_group, eps, momentum,
+                                 batch_stats, relu=True):
     """Conv1d+BN+ReLU forward keeping z (conv output), mean and invstd for backward.
 
-    With use_batch_stats, normalizes with the batch mean and biased variance and, if
-    update_running, sets ``running = momentum * running + (1 - momentum) * batch``; otherwise
-    normalizes with the running statistics and leaves them alone.
+    With batch_stats (an op's ``is_train and not use_global_stats``), normalizes with the batch
+    mean and biased variance and sets ``running = momentum * running + (1 - momentum) * batch``;
+    otherwise normalizes with the running statistics and leaves them alone.
     """
     cp = loader.import_cupy()
     x, w = _conv_check(data, "data"), _conv_check(weight, "weight")
@@ -132,28 +111,27 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
                          (out, "output")], "data")
     pdt = _param_dtype(x, gamma)
     same_dtype(pdt, chans[1:], "gamma")
-    s = _ConvShape(x, w, stride, pad, dilation, groups)
+    s = _ConvShape(x, w, stride, pad, dilate, num_group, eps, momentum)
     for a, n in [(bias, "bias")] + chans:
         expect(a, n, (s.Cout,))
     expect(z, "saved conv output", s.out)
     expect(out, "output", s.out)
-    require(eps > 0, "eps must be > 0")
 
     dsuf, psuf = SUFFIX[x.dtype], SUFFIX[pdt]
     ntiles = cdiv(s.M, _TILE)
-    if use_batch_stats:
+    if batch_stats:
         psum = cp.empty((ntiles, s.Cout), np.float32)
         pm2 = cp.empty((ntiles, s.Cout), np.float32)
     else:
         psum = pm2 = None
     loader.launch(_SOURCE, f"conv1d_fwd_train_{dsuf}",
-                  (ntiles, cdiv(s.cout_g, _TILE), s.groups), (THREADS,),
+                  (ntiles, cdiv(s.cout_g, _TILE), s.num_group), (THREADS,),
                   s.args() + (x, w, ptr(bias), z, ptr(psum), ptr(pm2),
-                              np.int32(bool(use_batch_stats))))
+                              np.int32(bool(batch_stats))))
     loader.launch(_SOURCE, f"bn_fwd_finalize_{psuf}", (s.Cout,), (THREADS,),
                   (ptr(psum), ptr(pm2), np.int32(ntiles), np.int32(s.M), np.int32(s.Cout),
                    running_mean, running_var, mean, invstd, np.float64(eps), np.float64(momentum),
-                   np.int32(bool(use_batch_stats)), np.int32(bool(update_running))))
+                   np.int32(bool(batch_stats))))
     rows = s.N * s.Cout
     loader.launch(_SOURCE, f"bn_relu_apply_{_mixed(x.dtype, pdt)}",
                   (min(rows, 32 * sm_count()),), (THREADS,),
@@ -162,7 +140,7 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
 
 
 def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, running_var, out,
-                                 stride, pad, dilation, groups, eps, relu=True):
+                                 stride, pad, dilate, num_group, eps, relu=True):
     """Conv1d+BN+ReLU inference in one pass: BN applied in the conv epilogue, in BatchNorm's
     order with the running statistics."""
     x, w = _conv_check(data, "data"), _conv_check(weight, "weight")
@@ -174,20 +152,19 @@ def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, 
     same_dtype(x.dtype, [(w, "weight"), (bias, "bias"), (out, "output")], "data")
     pdt = _param_dtype(x, gamma)
     same_dtype(pdt, chans[1:], "gamma")
-    s = _ConvShape(x, w, stride, pad, dilation, groups)
+    s = _ConvShape(x, w, stride, pad, dilate, num_group, eps)
     for a, n in [(bias, "bias")] + chans:
         expect(a, n, (s.Cout,))
     expect(out, "output", s.out)
-    require(eps > 0, "eps must be > 0")
     loader.launch(_SOURCE, f"conv1d_fwd_infer_{_mixed(x.dtype, pdt)}",
-                  (cdiv(s.M, _TILE), cdiv(s.cout_g, _TILE), s.groups), (THREADS,),
+                  (cdiv(s.M, _TILE), cdiv(s.cout_g, _TILE), s.num_group), (THREADS,),
                   s.args() + (x, w, ptr(bias), gamma, beta, running_mean, running_var,
                               np.float32(eps), np.int32(bool(relu)), out))
 
 
 def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd, data_grad,
-                            weight_grad, bias_grad, gamma_grad, beta_grad, stride, pad, dilation,
-                            groups, batch_stats, relu=True):
+                            weight_grad, bias_grad, gamma_grad, beta_grad, stride, pad, dilate,
+                            num_group, batch_stats, relu=True):
     """Conv1d+BN+ReLU backward from what forward_train saved; a None gradient is not computed.
 
     batch_stats must match the forward: with batch statistics the gradient also flows through
@@ -208,7 +185,7 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
                          (dx, "data_grad"), (dw, "weight_grad"), (dbias, "bias_grad")], "data")
     pdt = _param_dtype(x, gamma)
     same_dtype(pdt, chans[1:] + [(dgamma, "gamma_grad"), (dbeta, "beta_grad")], "gamma")
-    s = _ConvShape(x, w, stride, pad, dilation, groups)
+    s = _ConvShape(x, w, stride, pad, dilate, num_group)
     expect(dy, "out_grad", s.out)
     expect(z, "saved conv output", s.out)
     for a, n in chans + [(dbias, "bias_grad"), (dgamma, "gamma_grad"), (dbeta, "beta_grad")]:
@@ -239,19 +216,19 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
         _sum_splits(dsuf, ws_dz, nsplit, C, dbias)
     if dx is not None:
         loader.launch(_SOURCE, f"conv1d_bwd_data_{dsuf}",
-                      (cdiv(s.N * s.L, _TILE), cdiv(s.cin_g, _TILE), s.groups), (THREADS,),
+                      (cdiv(s.N * s.L, _TILE), cdiv(s.cin_g, _TILE), s.num_group), (THREADS,),
                       s.args() + (dz, w, dx))
     if dw is not None:
         kw = s.cin_g * s.K
-        tiles = cdiv(kw, _TILE) * cdiv(s.cout_g, _TILE) * s.groups
+        tiles = cdiv(kw, _TILE) * cdiv(s.cout_g, _TILE) * s.num_group
         # Split the long reduction over the batch so that small weights still fill the device.
         splits = max(1, min(cdiv(2 * sm_count(), tiles), cdiv(M, 256),
-                            _GRID_YZ_MAX // s.groups))
+                            _GRID_YZ_MAX // s.num_group))
         kchunk = cdiv(cdiv(M, splits), _BK) * _BK
         splits = cdiv(M, kchunk)
         ws = cp.empty((splits, s.Cout * kw), np.float32)
         loader.launch(_SOURCE, f"conv1d_bwd_weight_{dsuf}",
-                      (cdiv(kw, _TILE), cdiv(s.cout_g, _TILE), s.groups * splits), (THREADS,),
+                      (cdiv(kw, _TILE), cdiv(s.cout_g, _TILE), s.num_group * splits), (THREADS,),
                       s.args() + (x, dz, np.int32(kchunk), ws))
         _sum_splits(dsuf, ws, splits, s.Cout * kw, dw)
 

@@ -4,7 +4,7 @@ import numpy as np
 from mxnet.gluon import HybridBlock
 
 from .. import ops
-from ..ops.attrs import ConvAttrs, parse_int
+from ..attrs import ConvAttrs, parse_int
 from ..ops.errors import translate_errors
 
 

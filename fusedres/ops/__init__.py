@@ -10,7 +10,7 @@ import atexit
 import mxnet as mx
 
 from . import custom, dispatch, native  # noqa: F401  (custom: registers the CustomOps)
-from .attrs import ConvAttrs
+from ..attrs import ConvAttrs
 from .errors import translate_errors
 
 # A CustomOp still queued when Python exits runs its callback during interpreter teardown,

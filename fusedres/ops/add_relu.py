@@ -2,7 +2,7 @@
 import mxnet as mx
 import numpy as np
 
-from .attrs import check_dtypes
+from ..attrs import check_dtypes
 from .backends import Target, backend_for, check_data_dtype, mx_dtype
 from .errors import record_error
 

@@ -2,7 +2,7 @@
 
 Arguments: data (N, C, W), weight (num_filter, C / num_group, kernel), bias (num_filter,)
 unless no_bias, gamma, beta (num_filter,). Auxiliary states: running_mean, running_var.
-Attributes: those of ``fusedres.ops.attrs.ConvAttrs``. (MXNet's Initializer cannot set up
+Attributes: those of ``fusedres.attrs.ConvAttrs``. (MXNet's Initializer cannot set up
 auxiliary states that ``mx.sym.Custom`` creates, because it reads their initial values from
 attributes only built-in ops can attach: build symbols with
 ``fusedres.ops.conv1d_bn_relu_symbol``, which declares them with their initializers.)
@@ -10,7 +10,7 @@ attributes only built-in ops can attach: build symbols with
 import mxnet as mx
 import numpy as np
 
-from .attrs import ConvAttrs, check_dtypes
+from ..attrs import ConvAttrs, check_dtypes
 from .backends import Target, backend_for, check_data_dtype, mx_dtype
 from .errors import record_error
 
@@ -50,7 +50,7 @@ class ConvBNReLUCustomOp(mx.operator.CustomOp):
         mean, invstd = be.empty((cout,), gamma.dtype), be.empty((cout,), gamma.dtype)
         be.kernels.conv1d_bn_relu_forward_train(
             x, w, bias, gamma, beta, rm, rv, z, mean, invstd, out, eps=a.eps,
-            momentum=a.momentum, use_batch_stats=batch_stats, update_running=batch_stats,
+            momentum=a.momentum, batch_stats=batch_stats,
             **self._conv_args())
         self.saved = (z, mean, invstd, batch_stats)
 

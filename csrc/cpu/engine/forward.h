@@ -51,14 +51,14 @@ void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename
 template <typename T>
 void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,
                         const T* beta, T* running_mean, T* running_var, double eps, double momentum,
-                        bool use_batch_stats, T* z, T* mean, T* invstd, T* y, bool relu) {
+                        bool batch_stats, T* z, T* mean, T* invstd, T* y, bool relu) {
   using V = typename VecOf<T>::type;
   const i64 Lo = s.Lout();
   Buf<T> wp(packed_size_forward<V>(s));
   pack_forward<V>(s, w, wp.p);
   const Chunks ch = make_chunks(s.N, Lo, V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
   const i64 nunits = s.N * ch.nch;
-  if (use_batch_stats) {
+  if (batch_stats) {
     Buf<double> st(nunits * s.Cout * 3);
     conv_forward_all<V, E_STATS>(s, x, wp.p, bias, z, st.p, ch);
     const double M = double(s.N) * double(Lo);

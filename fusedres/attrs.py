@@ -1,4 +1,5 @@
-"""The conv1d_bn_relu op's attributes: one spec for blocks, ops and kernels.
+"""The conv1d_bn_relu op's attributes: one spec for blocks, ops and kernels (MXNet-free: the
+CUDA wrappers below the ops use it too).
 
 ``ConvAttrs`` holds them under the op's names (MXNet's Convolution and BatchNorm: kernel,
 num_filter, stride, pad, dilate, num_group, no_bias, eps, momentum, use_global_stats) plus
@@ -181,10 +182,32 @@ class ConvAttrs:
                 out[f.name] = value
         return out
 
+    @classmethod
+    def for_kernel(cls, data_shape, weight_shape, stride, pad, dilate, num_group, eps=1e-5,
+                   momentum=0.9):
+        """The checks of a kernel call (fusedres.cuda; csrc/conv_attrs.h's
+        ``check_kernel_call`` for fusedres._C): the attributes, then data, then the weight's
+        shape, which gives kernel and num_filter. Returns the attributes."""
+        weight_shape = tuple(int(d) for d in weight_shape)
+        if len(weight_shape) != 3:
+            raise ValueError("weight must be 3-D (num_filter, channels / num_group, kernel), "
+                             f"got shape {weight_shape}")
+        if min(weight_shape) < 1:
+            raise ValueError(f"weight must have no zero-size dimension, got shape {weight_shape}")
+        attrs = cls.parse(kernel=weight_shape[2], num_filter=weight_shape[0], stride=stride,
+                          pad=pad, dilate=dilate, num_group=num_group, eps=eps,
+                          momentum=momentum)
+        expected = attrs.check_data(data_shape)
+        if weight_shape != expected:
+            raise ValueError(f"weight must have shape {expected} for data of shape "
+                             f"{tuple(int(d) for d in data_shape)}, got {weight_shape}")
+        return attrs
+
     def kernel_kwargs(self):
-        """The hyper-parameters of the kernels (fusedres._C and fusedres.cuda)."""
-        return dict(stride=self.stride, pad=self.pad, dilation=self.dilate,
-                    groups=self.num_group, relu=self.relu)
+        """The hyper-parameters of the kernels (fusedres._C and fusedres.cuda), under the
+        op's names."""
+        return dict(stride=self.stride, pad=self.pad, dilate=self.dilate,
+                    num_group=self.num_group, relu=self.relu)
 
 
 def check_dtypes(names, dtypes, allowed):
