@@ -24,16 +24,18 @@ struct ConvAttrs {
   double eps = 1e-5, momentum = 0.9;
 };
 
-// A double as Python's repr writes short values (1.5, 1e-05, nan).
+// A double as Python's repr writes it (1.5, 0.0, 1e-05, nan), so that messages match
+// fusedres/attrs.py's.
 inline std::string num_str(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.17g", v);
-  for (int digits = 1; digits < 17; ++digits) {  // the shortest form that reads back as v
+  std::string s;
+  for (int digits = 1; digits <= 17; ++digits) {  // the shortest form that reads back as v
     char b[32];
     std::snprintf(b, sizeof(b), "%.*g", digits, v);
-    if (std::strtod(b, nullptr) == v) return b;
+    s = b;
+    if (std::isnan(v) || std::strtod(b, nullptr) == v) break;
   }
-  return buf;
+  if (s.find_first_not_of("-0123456789") == std::string::npos) s += ".0";  // 0 -> 0.0
+  return s;
 }
 
 inline std::string conv_int_error(const char* name, int64_t v, int64_t lo) {

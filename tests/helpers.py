@@ -172,3 +172,34 @@ def cuda_targets():
             raise RuntimeError(f"FUSEDRES_CUDA_EMULATOR=0 but CuPy has no GPU: {why}")
     only = os.environ.get("FUSEDRES_CUDA_EMU_SCHEDULE")
     return tuple(f"emu-{s}" for s in ("plain", "reverse") if only in (None, s))
+
+
+# Bad kernel calls: (data shape, weight shape, stride, pad, dilate, num_group, eps). Every
+# kernel wrapper (fusedres._C, fusedres.cuda) refuses each with the ValueError message of
+# fusedres.attrs.ConvAttrs.for_kernel, the one spec.
+BAD_KERNEL_CALLS = [
+    pytest.param((2, 4, 10), (6, 4, 3), 0, 0, 1, 1, 1e-5, id="stride0"),
+    pytest.param((2, 4, 10), (6, 4, 3), 2**31, 0, 1, 1, 1e-5, id="stride-2**31"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, -1, 1, 1, 1e-5, id="pad-1"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 0, 1, 1e-5, id="dilate0"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 1, 0, 1e-5, id="num_group0"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 1, 4, 1e-5, id="num_group-vs-num_filter"),
+    pytest.param((2, 4, 10), (6, 1, 3), 1, 0, 1, 3, 1e-5, id="num_group-vs-channels"),
+    pytest.param((2, 4, 10), (6, 3, 3), 1, 0, 1, 1, 1e-5, id="weight-in-channels"),
+    pytest.param((2, 4, 10), (6, 4, 12), 1, 0, 1, 1, 1e-5, id="kernel-wider-than-data"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 5, 1, 1e-5, id="dilated-wider-than-data"),
+    pytest.param((0, 4, 10), (6, 4, 3), 1, 0, 1, 1, 1e-5, id="zero-batch"),
+    pytest.param((2, 4, 10), (6, 0, 3), 1, 0, 1, 1, 1e-5, id="zero-weight"),
+    pytest.param((2, 4, 10), (6, 4), 1, 0, 1, 1, 1e-5, id="weight-2d"),
+    pytest.param((4, 10), (6, 4, 3), 1, 0, 1, 1, 1e-5, id="data-2d"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 1, 1, 0.0, id="eps0"),
+    pytest.param((2, 4, 10), (6, 4, 3), 1, 0, 1, 1, float("nan"), id="eps-nan"),
+]
+
+
+def spec_message(data_shape, weight_shape, stride, pad, dilate, num_group, eps):
+    """The message of the spec's ValueError for a bad kernel call."""
+    from fusedres.attrs import ConvAttrs
+    with pytest.raises(ValueError) as err:
+        ConvAttrs.for_kernel(data_shape, weight_shape, stride, pad, dilate, num_group, eps)
+    return str(err.value)

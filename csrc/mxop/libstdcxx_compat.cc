@@ -10,11 +10,11 @@
 #include <stdexcept>
 #include <string>
 
-namespace std {
-
-// GLIBCXX_3.4.20: the bounds checks of basic_string and vector.
-__attribute__((visibility("hidden"), noreturn)) void __throw_out_of_range_fmt(const char* fmt,
-                                                                              ...) {
+// GLIBCXX_3.4.20: std::__throw_out_of_range_fmt, the bounds checks of basic_string and vector.
+// Defined by its mangled name: a definition in namespace std would take the visibility of the
+// header's declaration (default) and be exported.
+extern "C" __attribute__((visibility("hidden"), noreturn)) void _ZSt24__throw_out_of_range_fmtPKcz(
+    const char* fmt, ...) {
   char buf[512];
   va_list args;
   va_start(args, fmt);
@@ -22,8 +22,6 @@ __attribute__((visibility("hidden"), noreturn)) void __throw_out_of_range_fmt(co
   va_end(args);
   throw std::out_of_range(std::string(buf));  // the const char* constructor is 3.4.21 too
 }
-
-}  // namespace std
 
 // GLIBCXX_3.4.23: basic_string(const basic_string&, size_type pos, const allocator&) (the old
 // ABI's std::string), called by dmlc's headers.
