@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import BAD_KERNEL_CALLS, EPS, TOL, cuda_targets, spec_message
+from helpers import BAD_KERNEL_CALLS, EPS, TOL, ConvCase, cuda_targets, spec_message
 
 from fusedres import cuda, reference
 from fusedres.cuda import loader
@@ -24,16 +24,16 @@ def _target(cuda_target):
     cp = cuda_target[1]
 
 
-# name: (N, Cin, Cout, L, K, stride, pad, dilation, groups, bias)
+# name: ConvCase (N, Cin, L, Cout, K, stride, pad, dilate, num_group, bias)
 CASES = {
-    "c7": (2, 7, 7, 97, 3, 1, 1, 1, 1, True),
-    "c64": (2, 64, 64, 97, 3, 1, 1, 1, 1, True),
-    "stride2": (3, 8, 6, 97, 5, 2, 2, 1, 1, True),
-    "dilation2_nobias": (2, 8, 8, 97, 3, 1, 2, 2, 1, False),
-    "groups2": (2, 8, 6, 97, 3, 1, 1, 1, 2, True),
-    "all_nopad": (2, 64, 64, 97, 3, 2, 0, 2, 2, False),
-    "tiles": (2, 72, 130, 97, 3, 1, 1, 1, 1, True),  # several row tiles and k slices
-    "long": (2, 8, 8, 2500, 3, 1, 1, 1, 1, True),  # reductions and weight gradient split
+    "c7": ConvCase(2, 7, 97, 7, 3, 1, 1, 1, 1, True),
+    "c64": ConvCase(2, 64, 97, 64, 3, 1, 1, 1, 1, True),
+    "stride2": ConvCase(3, 8, 97, 6, 5, 2, 2, 1, 1, True),
+    "dilation2_nobias": ConvCase(2, 8, 97, 8, 3, 1, 2, 2, 1, False),
+    "groups2": ConvCase(2, 8, 97, 6, 3, 1, 1, 1, 2, True),
+    "all_nopad": ConvCase(2, 64, 97, 64, 3, 2, 0, 2, 2, False),
+    "tiles": ConvCase(2, 72, 97, 130, 3, 1, 1, 1, 1, True),  # several row tiles and k slices
+    "long": ConvCase(2, 8, 2500, 8, 3, 1, 1, 1, 1, True),  # reductions and weight gradient split
 }
 # (data dtype, per-channel dtype)
 DTYPES = {"f32": (np.float32, np.float32), "f16": (np.float16, np.float16),
@@ -52,9 +52,8 @@ def assert_close(got, ref, dtype, name):
 
 
 def make_inputs(case, dtypes, seed=0):
-    """Inputs of a case of CASES (a name) or of one (N, Cin, Cout, L, K, stride, pad, dilation,
-    groups, bias) tuple."""
-    n, cin, cout, width, k, stride, pad, dil, groups, has_bias = CASES.get(case, case)
+    """Inputs of a case of CASES (a name) or of a ConvCase."""
+    n, cin, width, cout, k, stride, pad, dil, groups, has_bias = CASES.get(case, case)
     dt, pt = DTYPES[dtypes]
     rng = np.random.default_rng(seed)
     host = dict(
@@ -304,8 +303,8 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
 # reference say (the cases of tests/test_numerics.py, which holds the CPU implementations to
 # the same): relu(NaN) = NaN, relu' = NaN at NaN, BatchNorm's own order of operations.
 
-# (N, Cin, Cout, L, K, stride, pad, dilation, groups, bias), as tests/test_numerics.py's.
-NUMERICS_CASE = (2, 3, 4, 13, 3, 1, 1, 1, 1, True)
+# As tests/test_numerics.py's.
+NUMERICS_CASE = ConvCase(2, 3, 13, 4, 3, 1, 1, 1, 1, True)
 
 
 def assert_same_numbers(got, want, dtype, what):
@@ -410,14 +409,14 @@ def test_nonfinite_data_reaches_outputs_and_gradients(bad, batch_stats, dtypes):
 
 # ---------------------------------------------------------------------------------------------
 # Limits: every hyper-parameter may be as large as the ops allow (MAX_EXTENT = 2**31 - 1);
-# input positions then pass 2**31. (N, Cin, Cout, L, K, stride, pad, dilation, groups, bias).
+# input positions then pass 2**31.
 LIMIT_CASES = {
-    "stride": (2, 3, 4, 5, 3, 2**31 - 1, 0, 1, 1, True),
+    "stride": ConvCase(2, 3, 5, 4, 3, 2**31 - 1, 0, 1, 1, True),
     # output 3 wide: columns 0 and 2 read only padding, column 2 from position 2**31 - 1 on
-    "stride_and_pad": (2, 3, 4, 5, 3, 2**31 - 1, 2**31 - 1, 1, 1, True),
+    "stride_and_pad": ConvCase(2, 3, 5, 4, 3, 2**31 - 1, 2**31 - 1, 1, 1, True),
     # output 2 wide: column 0 reads x[2] by its second tap (at -pad + dilation), column 1 by
     # its first; the other taps fall 2**31 - 1 away
-    "dilation": (2, 3, 4, 7, 2, 2**31 - 1, 2**31 - 3, 2**31 - 1, 1, True),
+    "dilation": ConvCase(2, 3, 7, 4, 2, 2**31 - 1, 2**31 - 3, 2**31 - 1, 1, True),
 }
 
 

@@ -7,7 +7,7 @@ plain schedule (tests/test_cuda_kernels.py runs the kernels themselves in both).
 import mxnet as mx
 import numpy as np
 import pytest
-from helpers import (MOMENTUM, assert_close, away_from_kink, conv_inputs, nd_inputs,
+from helpers import (MOMENTUM, ConvCase, assert_close, away_from_kink, conv_inputs, nd_inputs,
                       reference_step, run_step)
 from cuda_emu import fake_cupy
 from cuda_emu.mxnet_gpu import cpu_as_gpu
@@ -107,9 +107,10 @@ def test_gpu_kernels_take_float32_and_float16_only(gpu):
 # ---------------------------------------------------------------------------------------------
 # The CustomOps on the GPU backend: req, auxiliary states, training and inference
 
-CASES = {"c7": (2, 7, 97, 7, 3, 1, 1, 1, 1, True), "stride2": (2, 6, 41, 10, 3, 2, 1, 1, 1, True),
-         "groups2": (2, 8, 29, 6, 5, 1, 2, 1, 2, True),
-         "no_bias_dilation2": (2, 5, 37, 7, 3, 1, 2, 2, 1, False)}
+CASES = {"c7": ConvCase(2, 7, 97, 7, 3, 1, 1, 1, 1, True),
+         "stride2": ConvCase(2, 6, 41, 10, 3, 2, 1, 1, 1, True),
+         "groups2": ConvCase(2, 8, 29, 6, 5, 1, 2, 1, 2, True),
+         "no_bias_dilation2": ConvCase(2, 5, 37, 7, 3, 1, 2, 2, 1, False)}
 # name: (autograd's train_mode, use_global_stats): batch statistics; running statistics in
 # training; an inference-mode forward (the backward then recomputes with running statistics).
 MODES = {"batch_stats": (True, False), "global_stats": (True, True), "inference": (False, False)}

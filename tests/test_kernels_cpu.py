@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BAD_KERNEL_CALLS, TOL, spec_message
+from helpers import BAD_KERNEL_CALLS, TOL, ConvCase, spec_message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,32 +71,31 @@ def isa(request, monkeypatch):
     return name
 
 
-# (N, Cin, L, Cout, K, stride, pad, dilation, groups, bias)
 BIG = [
-    (2, 64, 1024, 64, 3, 1, 1, 1, 1, True),       # reference shape (batch cut for test time)
-    (1, 256, 512, 256, 5, 1, 2, 1, 1, True),
-    (2, 32, 4096, 32, 3, 2, 1, 1, 1, True),
-    (4, 128, 256, 128, 1, 1, 0, 1, 1, True),
-    (1, 64, 2500, 64, 9, 1, 4, 2, 1, True),
+    ConvCase(2, 64, 1024, 64, 3, 1, 1, 1, 1, True),  # reference shape (batch cut for test time)
+    ConvCase(1, 256, 512, 256, 5, 1, 2, 1, 1, True),
+    ConvCase(2, 32, 4096, 32, 3, 2, 1, 1, 1, True),
+    ConvCase(4, 128, 256, 128, 1, 1, 0, 1, 1, True),
+    ConvCase(1, 64, 2500, 64, 9, 1, 4, 2, 1, True),
 ]
 SMALL = [
-    (2, 8, 16, 8, 3, 1, 1, 1, 1, True),           # tiny
-    (3, 8, 40, 12, 3, 1, 1, 1, 2, True),          # groups 2
-    (2, 6, 33, 9, 3, 1, 1, 1, 3, False),          # groups 3, no bias
-    (2, 7, 97, 7, 3, 1, 1, 1, 1, True),           # odd channels and length
-    (3, 7, 97, 5, 4, 2, 3, 2, 1, True),           # odd everything, stride 2 dilation 2
-    (2, 5, 50, 11, 3, 3, 2, 1, 1, False),         # stride 3
-    (2, 16, 64, 16, 1, 1, 0, 1, 1, False),        # kernel 1, pad 0
-    (2, 9, 31, 10, 5, 1, 0, 1, 1, True),          # pad 0
-    (2, 4, 10, 6, 3, 1, 5, 1, 1, True),           # pad larger than the kernel: zero edges
-    (2, 4, 12, 6, 3, 2, 6, 3, 1, True),           # pad > kernel, stride and dilation
-    (1, 24, 300, 40, 3, 1, 1, 1, 1, True),        # N = 1
-    (4, 6, 5, 6, 5, 1, 0, 1, 1, True),            # Lout = 1
-    (3, 3, 9, 4, 3, 4, 1, 1, 1, True),            # stride 4, short
-    (2, 20, 200, 36, 7, 1, 3, 3, 4, True),        # groups 4, dilation 3
-    (2, 33, 130, 70, 2, 1, 1, 1, 1, True),        # even kernel
-    (5, 3, 1, 2, 1, 1, 0, 1, 1, True),            # width 1
-    (2, 48, 70, 48, 3, 2, 0, 1, 2, True),         # groups 2 stride 2
+    ConvCase(2, 8, 16, 8, 3, 1, 1, 1, 1, True),           # tiny
+    ConvCase(3, 8, 40, 12, 3, 1, 1, 1, 2, True),          # groups 2
+    ConvCase(2, 6, 33, 9, 3, 1, 1, 1, 3, False),          # groups 3, no bias
+    ConvCase(2, 7, 97, 7, 3, 1, 1, 1, 1, True),           # odd channels and length
+    ConvCase(3, 7, 97, 5, 4, 2, 3, 2, 1, True),           # odd everything, stride 2 dilation 2
+    ConvCase(2, 5, 50, 11, 3, 3, 2, 1, 1, False),         # stride 3
+    ConvCase(2, 16, 64, 16, 1, 1, 0, 1, 1, False),        # kernel 1, pad 0
+    ConvCase(2, 9, 31, 10, 5, 1, 0, 1, 1, True),          # pad 0
+    ConvCase(2, 4, 10, 6, 3, 1, 5, 1, 1, True),           # pad larger than the kernel: zero edges
+    ConvCase(2, 4, 12, 6, 3, 2, 6, 3, 1, True),           # pad > kernel, stride and dilation
+    ConvCase(1, 24, 300, 40, 3, 1, 1, 1, 1, True),        # N = 1
+    ConvCase(4, 6, 5, 6, 5, 1, 0, 1, 1, True),            # Lout = 1
+    ConvCase(3, 3, 9, 4, 3, 4, 1, 1, 1, True),            # stride 4, short
+    ConvCase(2, 20, 200, 36, 7, 1, 3, 3, 4, True),        # groups 4, dilation 3
+    ConvCase(2, 33, 130, 70, 2, 1, 1, 1, 1, True),        # even kernel
+    ConvCase(5, 3, 1, 2, 1, 1, 0, 1, 1, True),            # width 1
+    ConvCase(2, 48, 70, 48, 3, 2, 0, 1, 2, True),         # groups 2 stride 2
 ]
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EPS, MOMENTUM, TOL
+from helpers import EPS, MOMENTUM, TOL, ConvCase
 
 from fusedres import reference as R
 
@@ -76,10 +76,9 @@ def assert_close(actual, expected, tol, scale=None, what=""):
 # ----------------------------------------------------------------------------------------------
 # cases
 
-def make_case(name, n, cin, cout, width, kernel, stride=1, pad=0, dilation=1, groups=1,
-              bias=True, dtype="float64", mode="train", margin=CMP_MARGIN, layout="1d",
+def make_case(name, case, dtype="float64", mode="train", margin=CMP_MARGIN, layout="1d",
               zero_channel=False):
-    """Random inputs (drawn in float64, then rounded to dtype), seeded by the case's name.
+    """Random inputs of a ConvCase (drawn in float64, then rounded to dtype), seeded by name.
 
     dy is zeroed wherever |pre-activation| < margin (pre computed in float64 from the rounded
     inputs). The loss sum(dy * y) is then smooth around the inputs (finite differences), and a
@@ -89,6 +88,7 @@ def make_case(name, n, cin, cout, width, kernel, stride=1, pad=0, dilation=1, gr
     zero_channel: gamma[0] = beta[0] = 0 (zero-initialised gamma is common in residual nets), so
     channel 0's pre-activation is exactly 0 in every dtype and on every path, and dy is kept
     there: it pins down that relu's gradient at exactly 0 is 0 (MXNet's convention)."""
+    n, cin, width, cout, kernel, stride, pad, dilation, groups, bias = case
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     cin_g = cin // groups
     c = dict(
@@ -165,24 +165,22 @@ def compare_step(got, c, dtype, what):
         assert_close(got[k], ref[k], KERNEL_TOL[np.dtype(dtype)], scales.get(k), f"{what} {k}")
 
 
-# (name, n, cin, cout, width, kernel, stride, pad, dilation, groups, bias)
-STOCK_SHAPES = [
-    ("c7", 4, 7, 7, 97, 3, 1, 1, 1, 1, True),
-    ("c64", 4, 64, 64, 97, 3, 1, 1, 1, 1, True),
-    ("c64_stride2_nobias", 3, 64, 64, 97, 3, 2, 1, 1, 1, False),
-    ("c64_dil2_groups2", 3, 64, 32, 97, 5, 1, 4, 2, 2, True),
-    ("c6_odd_all", 2, 6, 10, 11, 3, 2, 0, 2, 2, False),
-]
-STOCK_CASES = [(s[0], dt, mode) for s in STOCK_SHAPES for dt in ("float64", "float32")
+# name: ConvCase
+STOCK_SHAPES = {
+    "c7": ConvCase(4, 7, 97, 7, 3, 1, 1, 1, 1, True),
+    "c64": ConvCase(4, 64, 97, 64, 3, 1, 1, 1, 1, True),
+    "c64_stride2_nobias": ConvCase(3, 64, 97, 64, 3, 2, 1, 1, 1, False),
+    "c64_dil2_groups2": ConvCase(3, 64, 97, 32, 5, 1, 4, 2, 2, True),
+    "c6_odd_all": ConvCase(2, 6, 11, 10, 3, 2, 0, 2, 2, False),
+}
+STOCK_CASES = [(name, dt, mode) for name in STOCK_SHAPES for dt in ("float64", "float32")
                for mode in ("train", "global", "infer")
-               if mode == "train" or s[0] in ("c7", "c64_dil2_groups2")]
+               if mode == "train" or name in ("c7", "c64_dil2_groups2")]
 
 
 def stock_case(name, dtype, mode, layout="1d"):
-    shape = {s[0]: s[1:] for s in STOCK_SHAPES}[name]
-    n, cin, cout, width, kernel, stride, pad, dilation, groups, bias = shape
-    return make_case(f"{name}-{dtype}-{mode}", n, cin, cout, width, kernel, stride, pad,
-                     dilation, groups, bias, dtype, mode, layout=layout, zero_channel=True)
+    return make_case(f"{name}-{dtype}-{mode}", STOCK_SHAPES[name], dtype, mode, layout=layout,
+                     zero_channel=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,23 +200,23 @@ def fd_gradient(loss, arrays, name, h=FD_STEP):
     return grad
 
 
-# (name, n, cin, cout, width, kernel, stride, pad, dilation, groups, bias)
-FD_SHAPES = [
-    ("basic", 2, 3, 3, 9, 3, 1, 1, 1, 1, True),
-    ("stride2", 2, 3, 4, 11, 3, 2, 1, 1, 1, True),
-    ("dil2_nobias", 2, 3, 5, 11, 3, 1, 2, 2, 1, False),
-    ("groups2", 2, 4, 6, 9, 3, 1, 1, 1, 2, True),
-    ("c7_k2_nopad", 2, 7, 3, 11, 2, 1, 0, 1, 1, True),
-    ("all", 3, 6, 4, 11, 3, 2, 2, 2, 2, False),
-]
-FD_CASES = [(s, m) for s in FD_SHAPES for m in ("train", "global", "infer")
-            if m == "train" or s[0] in ("basic", "all")]
+# name: ConvCase
+FD_SHAPES = {
+    "basic": ConvCase(2, 3, 9, 3, 3, 1, 1, 1, 1, True),
+    "stride2": ConvCase(2, 3, 11, 4, 3, 2, 1, 1, 1, True),
+    "dil2_nobias": ConvCase(2, 3, 11, 5, 3, 1, 2, 2, 1, False),
+    "groups2": ConvCase(2, 4, 9, 6, 3, 1, 1, 1, 2, True),
+    "c7_k2_nopad": ConvCase(2, 7, 11, 3, 2, 1, 0, 1, 1, True),
+    "all": ConvCase(3, 6, 11, 4, 3, 2, 2, 2, 2, False),
+}
+FD_CASES = [(name, m) for name in FD_SHAPES for m in ("train", "global", "infer")
+            if m == "train" or name in ("basic", "all")]
 
 
-@pytest.mark.parametrize("shape,mode", FD_CASES, ids=[f"{s[0]}-{m}" for s, m in FD_CASES])
-def test_conv1d_bn_relu_finite_differences(shape, mode):
-    name, *dims = shape
-    c = make_case(f"fd-{name}-{mode}", *dims, dtype="float64", mode=mode, margin=FD_MARGIN)
+@pytest.mark.parametrize("name,mode", FD_CASES, ids=[f"{s}-{m}" for s, m in FD_CASES])
+def test_conv1d_bn_relu_finite_differences(name, mode):
+    c = make_case(f"fd-{name}-{mode}", FD_SHAPES[name], dtype="float64", mode=mode,
+                  margin=FD_MARGIN)
     assert np.count_nonzero(c["dy"]) > 0.7 * c["dy"].size
     active = c["dy"] != 0
     _, cache, _, _ = reference_forward(c, np.float64)
@@ -247,7 +245,7 @@ def test_conv1d_bn_relu_finite_differences(shape, mode):
 
 
 def test_global_stats_equals_inference_mode():
-    c = make_case("global-vs-infer", 2, 4, 6, 9, 3, 1, 1, 1, 2, True, mode="global")
+    c = make_case("global-vs-infer", ConvCase(2, 4, 9, 6, 3, 1, 1, 1, 2, True), mode="global")
     yg, cg, rmg, rvg = reference_forward(c, np.float64)
     yi, ci, rmi, rvi = reference_forward(dict(c, mode="infer"), np.float64)
     np.testing.assert_array_equal(yg, yi)
@@ -263,7 +261,7 @@ def test_global_stats_equals_inference_mode():
 def test_running_stats_update_formula():
     """Training mode returns momentum * running + (1 - momentum) * batch, batch variance biased;
     the inputs are not modified."""
-    c = make_case("running", 3, 5, 4, 13, 3, 2, 1, 2, 1, True)
+    c = make_case("running", ConvCase(3, 5, 13, 4, 3, 2, 1, 2, 1, True))
     rm0, rv0 = c["rm"].copy(), c["rv"].copy()
     _, _, rm, rv = reference_forward(c, np.float64, momentum=0.75)
     z = R.conv1d(c["x"], c["w"], c["b"], c["stride"], c["pad"], c["dilation"], c["groups"])
@@ -304,10 +302,9 @@ def naive_conv1d(x, w, b, stride, pad, dilation, groups):
     return out
 
 
-@pytest.mark.parametrize("shape", FD_SHAPES, ids=[s[0] for s in FD_SHAPES])
-def test_conv1d_naive_and_finite_differences(shape):
-    name, *dims = shape
-    c = make_case(f"conv-{name}", *dims)
+@pytest.mark.parametrize("name", FD_SHAPES)
+def test_conv1d_naive_and_finite_differences(name):
+    c = make_case(f"conv-{name}", FD_SHAPES[name])
     args = (c["stride"], c["pad"], c["dilation"], c["groups"])
     z = R.conv1d(c["x"], c["w"], c["b"], *args)
     assert_close(z, naive_conv1d(c["x"], c["w"], c["b"], *args), KERNEL_TOL[np.dtype(np.float64)])
