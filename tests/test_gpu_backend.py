@@ -257,12 +257,11 @@ class RefConv:
         self.grads = {}
 
     def forward(self, x, training):
-        b, p = self.blk, self.p
+        a, p = self.blk._attrs, self.p
         self.y, self.cache, rm, rv = R.conv1d_bn_relu_forward(
             x, p["weight"], p["bias"], p["gamma"], p["beta"], p["running_mean"],
-            p["running_var"], b._stride, b._pad, b._dilate, b._groups, b._epsilon,
-            b._attrs.momentum, is_train=training, use_global_stats=b._use_global_stats,
-            relu=b._relu)
+            p["running_var"], a.stride, a.pad, a.dilate, a.num_group, a.eps, a.momentum,
+            is_train=training, use_global_stats=a.use_global_stats, relu=a.relu)
         if training:
             p["running_mean"], p["running_var"] = rm, rv
         return self.y
@@ -321,7 +320,7 @@ class RefResidual:
         return self.join.pre()
 
     def inner_pre(self):
-        return [c.pre() for c in self.body if c.blk._relu]
+        return [c.pre() for c in self.body if c.blk._attrs.relu]
 
     def backward(self, dy):
         g, g_skip = self.join.backward(dy)

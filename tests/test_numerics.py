@@ -51,7 +51,7 @@ def test_add_relu_keeps_nan_like_relu_of_the_sum(impl):
 
 def _stock_block(blk):
     """nn.Conv1D + nn.BatchNorm + relu with blk's parameters."""
-    conv = nn.Conv1D(blk._channels, blk._kernel, padding=blk._pad,
+    conv = nn.Conv1D(blk._channels, blk._attrs.kernel, padding=blk._attrs.pad,
                      in_channels=blk.weight.shape[1])
     bn = nn.BatchNorm(in_channels=blk._channels)
     seq = nn.HybridSequential()

@@ -86,7 +86,7 @@ def test_residual_block_structure():
     blk = ResidualBlock1D(8, 5, chain_length=3, in_channels=8)
     assert [type(b) for b in blk.body] == [ConvBNReLU1D, ConvBNReLU1D, ConvBN1D]
     assert blk.shortcut is None and isinstance(blk.join, AddReLU)
-    assert blk.body[0]._pad == 2
+    assert blk.body[0]._kwargs["pad"] == 2
 
 
 def test_residual_block_refuses_impossible_skips():

@@ -1,4 +1,6 @@
 """Drop-in HybridBlocks: ConvBNReLU1D (Conv1D -> BatchNorm -> relu), ConvBN1D and AddReLU."""
+import dataclasses
+
 import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock
@@ -122,22 +124,18 @@ class ConvBNReLU1D(_FusedBlock):
             groups=groups, use_bias=use_bias, momentum=momentum, epsilon=epsilon,
             use_global_stats=use_global_stats, activation=activation)
         a = self._attrs
-        self._channels, self._kernel, self._stride = a.num_filter, a.kernel, a.stride
-        self._pad, self._dilate, self._groups = a.pad, a.dilate, a.num_group
-        self._relu, self._use_bias = a.relu, not a.no_bias
-        self._momentum, self._epsilon = float(momentum), float(epsilon)
-        self._use_global_stats = a.use_global_stats
-        self._in_channels = _single(in_channels, "in_channels")
-        if self._in_channels % self._groups:
+        # As Gluon's Conv1D: the number of channels in and out.
+        self._channels, self._in_channels = a.num_filter, _single(in_channels, "in_channels")
+        if self._in_channels % a.num_group:
             raise ValueError(
-                f"groups ({self._groups}) must divide in_channels ({self._in_channels})")
+                f"groups ({a.num_group}) must divide in_channels ({self._in_channels})")
         c = self._channels
         with self.name_scope():
             self.weight = self.params.get(
-                "weight", shape=(c, self._in_channels // self._groups, self._kernel),
+                "weight", shape=(c, self._in_channels // a.num_group, a.kernel),
                 init=weight_initializer, allow_deferred_init=True)
             self.bias = (self.params.get("bias", shape=(c,), init=bias_initializer,
-                                         allow_deferred_init=True) if self._use_bias else None)
+                                         allow_deferred_init=True) if not a.no_bias else None)
             self.gamma = self.params.get("gamma", shape=(c,), init=gamma_initializer,
                                          allow_deferred_init=True)
             self.beta = self.params.get("beta", shape=(c,), init=beta_initializer,
@@ -148,6 +146,13 @@ class ConvBNReLU1D(_FusedBlock):
             self.running_var = self.params.get(
                 "running_var", grad_req="null", shape=(c,), init=running_variance_initializer,
                 allow_deferred_init=True, differentiable=False)
+
+    @property
+    def _kwargs(self):
+        """The op's attributes under the op's names (kernel, num_filter, stride, pad, dilate,
+        num_group, no_bias, eps, momentum, use_global_stats, relu), as Gluon's Conv1D keeps its
+        own in ``_kwargs``: a fresh dict of ``self._attrs``, the one copy."""
+        return dataclasses.asdict(self._attrs)
 
     def cast(self, dtype):
         """As ``nn.Conv1D`` + ``nn.BatchNorm``: under float16 the BatchNorm parameters and running
@@ -163,19 +168,21 @@ class ConvBNReLU1D(_FusedBlock):
                                       **self._op_args(F))
 
     def __repr__(self):
-        in_ch = self.weight.shape[1] * self._groups if self.weight.shape[1] else None
+        a = self._attrs
+        in_ch = self.weight.shape[1] * a.num_group if self.weight.shape[1] else None
         s = (f"{self.__class__.__name__}({in_ch if in_ch else 'None'} -> {self._channels}, "
-             f"kernel_size=({self._kernel},), stride=({self._stride},)")
-        if self._pad:
-            s += f", padding=({self._pad},)"
-        if self._dilate != 1:
-            s += f", dilation=({self._dilate},)"
-        if self._groups != 1:
-            s += f", groups={self._groups}"
-        if not self._use_bias:
+             f"kernel_size=({a.kernel},), stride=({a.stride},)")
+        if a.pad:
+            s += f", padding=({a.pad},)"
+        if a.dilate != 1:
+            s += f", dilation=({a.dilate},)"
+        if a.num_group != 1:
+            s += f", groups={a.num_group}"
+        if a.no_bias:
             s += ", bias=False"
-        s += f", momentum={self._momentum}, eps={self._epsilon}"
-        if self._use_global_stats:
+        # momentum as given: the op holds it rounded to a C float, as MXNet's BatchNorm does
+        s += f", momentum={a.momentum:.7g}, eps={a.eps}"
+        if a.use_global_stats:
             s += ", use_global_stats=True"
         return s + ")"
 
