@@ -57,10 +57,25 @@ def impl(request):
     return IMPLS[request.param]
 
 
-@pytest.fixture(params=list(IMPLS))
+# Where a block-level test runs: the CPU with each implementation, and the GPU, through the
+# CustomOps (the only GPU implementation): a real one where MXNet has a GPU, else the GPU
+# backend on the CUDA emulation with CPU NDArrays standing in (tests/cuda_emu/mxnet_gpu.py).
+TARGETS = ("native", "custom", "gpu")
+
+
+@pytest.fixture(params=TARGETS)
 def impl_env(request, monkeypatch):
-    """The whole test under one implementation, chosen for every block it builds through
-    FUSEDRES_NATIVE (for modules of block-level tests: `pytestmark = usefixtures("impl_env")`)."""
-    if not IMPLS[request.param]:
+    """The whole test on one target, chosen for every block it builds through FUSEDRES_NATIVE
+    (for modules of block-level tests: `pytestmark = usefixtures("impl_env")`). Returns the
+    target's name."""
+    if request.param != "native":
         monkeypatch.setenv("FUSEDRES_NATIVE", "0")
-    return IMPLS[request.param]
+    if request.param != "gpu":
+        yield request.param
+        return
+    import mxnet as mx
+    if mx.context.num_gpus():
+        pytest.skip("an MXNet GPU build runs these tests on mx.gpu() in tests/test_gpu_backend.py")
+    from cuda_emu.mxnet_gpu import cpu_as_gpu
+    with cpu_as_gpu():
+        yield request.param

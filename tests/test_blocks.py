@@ -14,6 +14,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import fusedres
+from fusedres import reference as R
 from fusedres.nn import AddReLU, ConvBNReLU1D
 
 # Every test here runs on both implementations (conftest.py: impl_env).
@@ -305,9 +306,10 @@ def test_exit_with_queued_ops_does_not_hang():
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_float16_types_follow_gluon_batchnorm():
+def test_float16_types_follow_gluon_batchnorm(impl_env):
     """Under cast('float16') BatchNorm keeps its parameters float32; the fused op's types
-    follow (the float16 kernels are GPU-only, so only type inference is checked here)."""
+    follow. The float16 kernels are GPU-only: on the GPU the block computes what the float64
+    reference says, on the CPU it refuses float16 by name."""
     blk = ConvBNReLU1D(4, 3, in_channels=2)
     blk.cast("float16")
     assert np.dtype(blk.weight.dtype) == np.float16 == np.dtype(blk.bias.dtype)
@@ -322,9 +324,18 @@ def test_float16_types_follow_gluon_batchnorm():
     assert aux == [np.float32] * 2
     args, _, _ = sym.infer_type(data=np.float16, g=np.float16)
     assert args[3:] == [np.float16] * 2
-    with pytest.raises(TypeError, match="data must be float32 or float64.*CPU"):
-        blk.initialize()
-        blk(mx.nd.ones((1, 2, 8), dtype="float16"))
+    blk.initialize()
+    x = mx.nd.array(np.random.default_rng(0).standard_normal((1, 2, 8)), dtype="float16")
+    if impl_env != "gpu":
+        with pytest.raises(TypeError, match="data must be float32 or float64.*CPU"):
+            blk(x)
+        return
+    y = blk(x)  # a predict-mode forward: the running statistics normalize
+    p = [None if getattr(blk, k) is None else getattr(blk, k).data().asnumpy().astype(np.float64)
+         for k in ("weight", "bias", "gamma", "beta", "running_mean", "running_var")]
+    want = R.conv1d_bn_relu_forward(x.asnumpy().astype(np.float64), *p, is_train=False)[0]
+    assert y.dtype == np.float16
+    assert_close(y.asnumpy(), want, np.float16, "float16 output on the GPU")
 
 
 @pytest.mark.parametrize("use_native", [False, True], ids=["custom-ops", "native-ops"])
