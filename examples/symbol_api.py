@@ -19,7 +19,8 @@ def build():
     return mx.sym.SoftmaxOutput(z, name="softmax")
 
 
-def main():
+def main(seed=0):
+    mx.random.seed(seed)  # initial weights and data: the run is the same every time
     net = build()
     print("arguments:", net.list_arguments())
     print("auxiliary states:", net.list_auxiliary_states())

@@ -57,9 +57,9 @@ def impl(request):
     return IMPLS[request.param]
 
 
-# Where a block-level test runs: the CPU with each implementation, and the GPU, through the
-# CustomOps (the only GPU implementation): a real one where MXNet has a GPU, else the GPU
-# backend on the CUDA emulation with CPU NDArrays standing in (tests/cuda_emu/mxnet_gpu.py).
+# Where a block-level test runs: the CPU with each implementation, and the GPU through the
+# CustomOps (the only GPU implementation): the GPU backend on the CUDA emulation, with the
+# tests' CPU NDArrays standing in for GPU ones (tests/cuda_emu/mxnet_gpu.py).
 TARGETS = ("native", "custom", "gpu")
 
 
@@ -73,9 +73,6 @@ def impl_env(request, monkeypatch):
     if request.param != "gpu":
         yield request.param
         return
-    import mxnet as mx
-    if mx.context.num_gpus():
-        pytest.skip("an MXNet GPU build runs these tests on mx.gpu() in tests/test_gpu_backend.py")
     from cuda_emu.mxnet_gpu import cpu_as_gpu
     with cpu_as_gpu():
         yield request.param
