@@ -188,7 +188,13 @@ class ConvAttrs:
         """The checks of a kernel call (fusedres.cuda; csrc/conv_attrs.h's
         ``check_kernel_call`` for fusedres._C): the attributes, then data, then the weight's
         shape, which gives kernel and num_filter. Returns the attributes."""
-        weight_shape = tuple(int(d) for d in weight_shape)
+        return _for_kernel(cls, tuple(int(d) for d in data_shape),
+                           tuple(int(d) for d in weight_shape), stride, pad, dilate, num_group,
+                           eps, momentum)
+
+    @classmethod
+    def _check_kernel_call(cls, data_shape, weight_shape, stride, pad, dilate, num_group, eps,
+                           momentum):
         if len(weight_shape) != 3:
             raise ValueError("weight must be 3-D (num_filter, channels / num_group, kernel), "
                              f"got shape {weight_shape}")
@@ -200,7 +206,7 @@ class ConvAttrs:
         expected = attrs.check_data(data_shape)
         if weight_shape != expected:
             raise ValueError(f"weight must have shape {expected} for data of shape "
-                             f"{tuple(int(d) for d in data_shape)}, got {weight_shape}")
+                             f"{data_shape}, got {weight_shape}")
         return attrs
 
     def kernel_kwargs(self):
@@ -208,6 +214,14 @@ class ConvAttrs:
         op's names."""
         return dict(stride=self.stride, pad=self.pad, dilate=self.dilate,
                     num_group=self.num_group, relu=self.relu)
+
+
+# A kernel wrapper checks on every call (a GPU training step makes a dozen): the same shapes
+# and hyper-parameters come back, so their checked attributes are kept (typed: True is not 1).
+# Failures are not kept.
+@functools.lru_cache(maxsize=256, typed=True)
+def _for_kernel(cls, *args):
+    return cls._check_kernel_call(*args)
 
 
 def check_dtypes(names, dtypes, allowed):
