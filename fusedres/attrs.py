@@ -170,6 +170,14 @@ class ConvAttrs:
             raise ValueError(f"weight {weight} has more than {MAX_EXTENT} elements")
         return weight
 
+    def check_weight(self, data_shape, weight_shape):
+        """check_data, then raises ValueError unless weight_shape is the weight that data
+        needs."""
+        expected = self.check_data(data_shape)
+        if tuple(weight_shape) != expected:
+            raise ValueError(f"weight must have shape {expected} for data of shape "
+                             f"{tuple(data_shape)}, got {tuple(weight_shape)}")
+
     @functools.cached_property
     def op_kwargs(self):
         """The attributes MXNet's ops take, leaving out those at their default: MXNet
@@ -188,26 +196,9 @@ class ConvAttrs:
         """The checks of a kernel call (fusedres.cuda; csrc/conv_attrs.h's
         ``check_kernel_call`` for fusedres._C): the attributes, then data, then the weight's
         shape, which gives kernel and num_filter. Returns the attributes."""
-        return _for_kernel(cls, tuple(int(d) for d in data_shape),
-                           tuple(int(d) for d in weight_shape), stride, pad, dilate, num_group,
-                           eps, momentum)
-
-    @classmethod
-    def _check_kernel_call(cls, data_shape, weight_shape, stride, pad, dilate, num_group, eps,
-                           momentum):
-        if len(weight_shape) != 3:
-            raise ValueError("weight must be 3-D (num_filter, channels / num_group, kernel), "
-                             f"got shape {weight_shape}")
-        if min(weight_shape) < 1:
-            raise ValueError(f"weight must have no zero-size dimension, got shape {weight_shape}")
-        attrs = cls.parse(kernel=weight_shape[2], num_filter=weight_shape[0], stride=stride,
-                          pad=pad, dilate=dilate, num_group=num_group, eps=eps,
-                          momentum=momentum)
-        expected = attrs.check_data(data_shape)
-        if weight_shape != expected:
-            raise ValueError(f"weight must have shape {expected} for data of shape "
-                             f"{data_shape}, got {weight_shape}")
-        return attrs
+        return _checked_kernel_call(tuple(int(d) for d in data_shape),
+                                    tuple(int(d) for d in weight_shape), stride, pad, dilate,
+                                    num_group, eps, momentum)
 
     def kernel_kwargs(self):
         """The hyper-parameters of the kernels (fusedres._C and fusedres.cuda), under the
@@ -220,8 +211,18 @@ class ConvAttrs:
 # and hyper-parameters come back, so their checked attributes are kept (typed: True is not 1).
 # Failures are not kept.
 @functools.lru_cache(maxsize=256, typed=True)
-def _for_kernel(cls, *args):
-    return cls._check_kernel_call(*args)
+def _checked_kernel_call(data_shape, weight_shape, stride, pad, dilate, num_group, eps,
+                         momentum):
+    if len(weight_shape) != 3:
+        raise ValueError("weight must be 3-D (num_filter, channels / num_group, kernel), "
+                         f"got shape {weight_shape}")
+    if min(weight_shape) < 1:
+        raise ValueError(f"weight must have no zero-size dimension, got shape {weight_shape}")
+    attrs = ConvAttrs.parse(kernel=weight_shape[2], num_filter=weight_shape[0], stride=stride,
+                            pad=pad, dilate=dilate, num_group=num_group, eps=eps,
+                            momentum=momentum)
+    attrs.check_weight(data_shape, weight_shape)
+    return attrs
 
 
 def check_dtypes(names, dtypes, allowed):

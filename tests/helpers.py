@@ -197,9 +197,29 @@ BAD_KERNEL_CALLS = [
 ]
 
 
-def spec_message(data_shape, weight_shape, stride, pad, dilate, num_group, eps):
-    """The message of the spec's ValueError for a bad kernel call."""
+def assert_refused_as_the_spec_says(kernels, zeros, data, weight, stride, pad, dilate,
+                                    num_group, eps):
+    """Each conv kernel of `kernels` (fusedres._C or fusedres.cuda; `zeros(shape)` makes its
+    float32 arrays) refuses a BAD_KERNEL_CALLS call with ConvAttrs.for_kernel's message, word
+    for word."""
     from fusedres.attrs import ConvAttrs
     with pytest.raises(ValueError) as err:
-        ConvAttrs.for_kernel(data_shape, weight_shape, stride, pad, dilate, num_group, eps)
-    return str(err.value)
+        ConvAttrs.for_kernel(data, weight, stride, pad, dilate, num_group, eps)
+    want = str(err.value)
+    x, w, c = zeros(data), zeros(weight), zeros((weight[0],)) + 1
+    out = zeros((max(data[0], 1), weight[0], 1)) if len(data) == 3 else c
+    conv = (stride, pad, dilate, num_group)
+    calls = {
+        "forward_train": lambda: kernels.conv1d_bn_relu_forward_train(
+            x, w, None, c, c, c.copy(), c.copy(), out, c.copy(), c.copy(), out.copy(), *conv,
+            eps, MOMENTUM, True),
+        "forward_infer": lambda: kernels.conv1d_bn_relu_forward_infer(
+            x, w, None, c, c, c, c, out, *conv, eps),
+    }
+    if eps == EPS:  # the backward takes no eps
+        calls["backward"] = lambda: kernels.conv1d_bn_relu_backward(
+            out, x, w, out, c, c, c, c, None, None, None, None, None, *conv, True)
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == want, name

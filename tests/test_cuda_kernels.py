@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import BAD_KERNEL_CALLS, EPS, TOL, ConvCase, cuda_targets, spec_message
+from helpers import (BAD_KERNEL_CALLS, EPS, TOL, ConvCase, assert_refused_as_the_spec_says,
+                     cuda_targets)
 
 from fusedres import cuda, reference
 from fusedres.cuda import loader
@@ -473,25 +474,8 @@ def test_hyper_parameters_at_the_limit(case):
 def test_bad_calls_get_the_spec_message(data, weight, stride, pad, dilate, num_group, eps):
     """fusedres.cuda refuses bad calls with fusedres.attrs.ConvAttrs.for_kernel's message, in
     each of the three kernels (as fusedres._C does, tests/test_kernels_cpu.py)."""
-    want = spec_message(data, weight, stride, pad, dilate, num_group, eps)
-    x, w = cp.zeros(data, np.float32), cp.zeros(weight, np.float32)
-    c = cp.ones(weight[0], np.float32)
-    out = cp.zeros((max(data[0], 1), weight[0], 1), np.float32) if len(data) == 3 else c
-    conv = (stride, pad, dilate, num_group)
-    calls = {
-        "forward_train": lambda: cuda.conv1d_bn_relu_forward_train(
-            x, w, None, c, c, c.copy(), c.copy(), out, c.copy(), c.copy(), out.copy(), *conv,
-            eps, MOMENTUM, True),
-        "forward_infer": lambda: cuda.conv1d_bn_relu_forward_infer(
-            x, w, None, c, c, c, c, out, *conv, eps),
-    }
-    if eps == EPS:  # the backward takes no eps
-        calls["backward"] = lambda: cuda.conv1d_bn_relu_backward(
-            out, x, w, out, c, c, c, c, None, None, None, None, None, *conv, True)
-    for name, call in calls.items():
-        with pytest.raises(ValueError) as err:
-            call()
-        assert str(err.value) == want, name
+    assert_refused_as_the_spec_says(cuda, lambda shape: cp.zeros(shape, np.float32), data,
+                                    weight, stride, pad, dilate, num_group, eps)
 
 
 def test_beyond_the_kernels_limits_raise_named_errors():

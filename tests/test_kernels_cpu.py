@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BAD_KERNEL_CALLS, TOL, ConvCase, spec_message
+from helpers import BAD_KERNEL_CALLS, TOL, ConvCase, assert_refused_as_the_spec_says
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -435,22 +435,5 @@ def test_kernels_use_every_processor_unless_omp_num_threads_says_otherwise():
 def test_bad_calls_get_the_spec_message(data, weight, stride, pad, dilate, num_group, eps):
     """csrc/conv_attrs.h's check_kernel_call says what fusedres.attrs.ConvAttrs.for_kernel says,
     word for word, in each of the three kernels."""
-    want = spec_message(data, weight, stride, pad, dilate, num_group, eps)
-    x, w = np.zeros(data, np.float32), np.zeros(weight, np.float32)
-    c = np.ones(weight[0], np.float32)
-    out = np.zeros((max(data[0], 1), weight[0], 1), np.float32) if len(data) == 3 else c
-    conv = (stride, pad, dilate, num_group)
-    calls = {
-        "forward_train": lambda: _C.conv1d_bn_relu_forward_train(
-            x, w, None, c, c, c.copy(), c.copy(), out, c.copy(), c.copy(), out.copy(), *conv, eps,
-            0.9, True),
-        "forward_infer": lambda: _C.conv1d_bn_relu_forward_infer(
-            x, w, None, c, c, c, c, out, *conv, eps),
-    }
-    if eps == 1e-5:  # the backward takes no eps
-        calls["backward"] = lambda: _C.conv1d_bn_relu_backward(
-            out, x, w, out, c, c, c, c, None, None, None, None, None, *conv, True)
-    for name, call in calls.items():
-        with pytest.raises(ValueError) as err:
-            call()
-        assert str(err.value) == want, name
+    assert_refused_as_the_spec_says(_C, lambda shape: np.zeros(shape, np.float32), data,
+                                    weight, stride, pad, dilate, num_group, eps)

@@ -141,15 +141,13 @@ class ConvBNReLUCustomOpProp(mx.operator.CustomOpProp):
             # Nothing to infer from yet (partial inference): leave every shape unknown.
             return (list(in_shape), [[]], [[], []])
         a = self.attrs
+        given = list(in_shape[1])
         try:
             weight = list(a.check_data(data))
+            if _known(given):
+                a.check_weight(data, given)
         except ValueError as err:
             raise record_error(err) from None
-        given = list(in_shape[1])
-        if _known(given) and given != weight:
-            raise record_error(ValueError(
-                f"weight must have shape {_shape_str(weight)} for data of shape "
-                f"{_shape_str(data)}, got {_shape_str(given)}"))
         channel = [a.num_filter]
         for name, shape in zip(self.list_arguments()[2:], in_shape[2:]):
             if _known(shape) and list(shape) != channel:
