@@ -12,6 +12,7 @@
 #include "conv_attrs.h"
 #include "cpu/add_relu.h"
 #include "cpu/conv1d_bn_relu.h"
+#include "cpu/isa.h"
 #include "cpu/threads.h"
 
 namespace py = pybind11;
@@ -213,6 +214,26 @@ void add_relu_bwd(py::array dy_, py::array y_, std::optional<py::array> da_,
                                         ptr_or_null<double>(da), ptr_or_null<double>(db));
 }
 
+fusedres::CpuIsa isa_of(const std::optional<std::string>& name) {
+  if (!name) return fusedres::cpu_isa();
+  for (auto isa : {fusedres::CpuIsa::generic, fusedres::CpuIsa::avx2, fusedres::CpuIsa::avx512})
+    if (*name == fusedres::isa_name(isa)) {
+      if (static_cast<int>(isa) > static_cast<int>(fusedres::cpu_isa()))
+        throw py::value_error("isa '" + *name + "' is not supported by this CPU (best: '" +
+                              fusedres::isa_name(fusedres::cpu_isa()) + "')");
+      return isa;
+    }
+  throw py::value_error("isa must be 'generic', 'avx2' or 'avx512', got '" + *name + "'");
+}
+
+double fma_peak(const std::optional<std::string>& isa, double seconds) {
+  if (!(seconds > 0 && seconds <= 60))
+    throw py::value_error("seconds must be in (0, 60], got " + std::to_string(seconds));
+  const fusedres::CpuIsa which = isa_of(isa);
+  py::gil_scoped_release release;
+  return fusedres::fma_peak_gflops(which, seconds);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -220,6 +241,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_threads", &fusedres::kernel_threads,
         "Threads of the kernels' parallel regions: $OMP_NUM_THREADS, else every processor "
         "(whatever OpenMP default MXNet gave the calling thread)");
+  m.def(
+      "cpu_isa", [] { return std::string(fusedres::isa_name(fusedres::cpu_isa())); },
+      "Instruction set the kernels run with: the CPU's best, lowered by $FUSEDRES_CPU_ISA");
+  m.def("fma_peak_gflops", &fma_peak, py::arg("isa") = py::none(), py::arg("seconds") = 0.3,
+        "float32 multiply-add peak (GFLOP/s) of one instruction set ('generic', 'avx2', "
+        "'avx512'; default: the kernels' own) on kernel_threads() threads, measured now");
   m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"), py::arg("out"),

@@ -437,3 +437,22 @@ def test_bad_calls_get_the_spec_message(data, weight, stride, pad, dilate, num_g
     word for word, in each of the three kernels."""
     assert_refused_as_the_spec_says(_C, lambda shape: np.zeros(shape, np.float32), data,
                                     weight, stride, pad, dilate, num_group, eps)
+
+
+def test_fma_peak_probe_measures_each_instruction_set_and_refuses_bad_arguments():
+    """The compute ceiling the benchmarks report against (csrc/cpu/peak.cpp): a positive rate
+    for every instruction set the CPU has, refused by name for one it lacks or does not exist."""
+    order = ["generic", "avx2", "avx512"]
+    best = _C.cpu_isa()
+    assert best in order
+    for isa in order[:order.index(best) + 1]:
+        rate = _C.fma_peak_gflops(isa, seconds=0.05)
+        assert np.isfinite(rate) and rate > 0, (isa, rate)
+    for isa in order[order.index(best) + 1:]:
+        with pytest.raises(ValueError, match=f"isa '{isa}' is not supported by this CPU"):
+            _C.fma_peak_gflops(isa)
+    with pytest.raises(ValueError, match="isa must be 'generic', 'avx2' or 'avx512', got 'sse'"):
+        _C.fma_peak_gflops("sse")
+    for seconds in (0.0, -1.0, float("nan"), 100.0):
+        with pytest.raises(ValueError, match="seconds must be in"):
+            _C.fma_peak_gflops(None, seconds=seconds)

@@ -49,5 +49,30 @@ namespace FUSEDRES_ISA_NS {
 FUSEDRES_ISA_DEFINE(float)
 FUSEDRES_ISA_DEFINE(double)
 
+// The compute ceiling of this instruction set on one thread: `reps` rounds of independent
+// float multiply-adds, more chains than any core's FMA latency x ports needs. Returns the
+// floating-point operations done. The chains' results are summed into `sink[2]`, and without
+// -ffast-math the compiler can neither drop nor reassociate them.
+int64_t fma_loop(int64_t reps, float* sink) {
+  using V = VF;
+  // Enough independent chains to cover latency x FMA ports, few enough to stay in registers.
+#if defined(FUSEDRES_ISA_AVX512)
+  constexpr int CHAINS = 16;
+#else
+  constexpr int CHAINS = 12;
+#endif
+  typename V::reg acc[CHAINS];
+  const typename V::reg a = V::set1(sink[0]), b = V::set1(sink[1]);
+  for (int i = 0; i < CHAINS; ++i) acc[i] = V::set1(float(i));
+  for (int64_t r = 0; r < reps; ++r) {
+#pragma GCC unroll 16
+    for (int i = 0; i < CHAINS; ++i) acc[i] = V::fma(acc[i], a, b);
+  }
+  typename V::reg t = V::zero();
+  for (int i = 0; i < CHAINS; ++i) t = V::add(t, acc[i]);
+  sink[2] = V::hsum(t);
+  return reps * CHAINS * 2 * V::W;
+}
+
 }  // namespace FUSEDRES_ISA_NS
 }  // namespace fusedres

@@ -21,14 +21,21 @@ CpuIsa cpu_isa();
   void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w, const T* z,    \
                 const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx, T* dw,       \
                 T* dbias, T* dgamma, T* dbeta, bool relu);
-#define FUSEDRES_ISA_DECLARE(NS) \
-  namespace NS {                 \
-  FUSEDRES_ISA_DECLARE_T(float)  \
-  FUSEDRES_ISA_DECLARE_T(double) \
+#define FUSEDRES_ISA_DECLARE(NS)               \
+  namespace NS {                               \
+  FUSEDRES_ISA_DECLARE_T(float)                \
+  FUSEDRES_ISA_DECLARE_T(double)               \
+  int64_t fma_loop(int64_t reps, float* sink); \
   }
 
 FUSEDRES_ISA_DECLARE(isa_generic)
 FUSEDRES_ISA_DECLARE(isa_avx2)
 FUSEDRES_ISA_DECLARE(isa_avx512)
+
+const char* isa_name(CpuIsa isa);
+
+// The float32 multiply-add peak of `isa` (at most cpu_isa()) on kernel_threads() threads,
+// measured for about `seconds`: the compute ceiling the benchmarks report against.
+double fma_peak_gflops(CpuIsa isa, double seconds);
 
 }  // namespace fusedres
