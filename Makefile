@@ -42,6 +42,14 @@ bench: setup
 	$(PIP) install -q torch==2.13.0 || echo "PyTorch not installed: benchmarking without it"
 	$(PY) -m pytest bench/test_cpu.py --benchmark-only -q --benchmark-json=bench/results_cpu.json
 
+# The sweep: fused against stock MXNet and PyTorch over a grid of N, C, L, K, stride, dilation
+# and groups; writes bench/results_sweep.{md,json,png} with every shape where fused is slower
+# than a peer (bench/sweep.py).
+.PHONY: bench-sweep
+bench-sweep: setup
+	$(PIP) install -q torch==2.13.0 || echo "PyTorch not installed: sweeping without it"
+	$(PY) bench/sweep.py
+
 clean:
 	rm -rf build dist *.egg-info fusedres/_C*.so fusedres/libfusedres_mxop.so fusedres/cubins \
 	    fusedres/cuda_src bench/results_cpu.json .benchmarks .pytest_cache $(VENV)
