@@ -56,6 +56,9 @@ CONV_CASES = [
     pytest.param(ConvCase(2, 8, 29, 6, 5, 1, 2, 1, 2, True), id="groups2"),
     pytest.param(ConvCase(3, 7, 23, 9, 3, 1, 0, 1, 1, False), id="no-bias-pad0"),
     pytest.param(ConvCase(1, 3, 5, 4, 5, 3, 2, 1, 1, True), id="lout1-ish"),
+    # depthwise (groups == in channels) runs its own CPU kernels (csrc/cpu/engine/depthwise.h)
+    pytest.param(ConvCase(3, 8, 45, 8, 3, 1, 1, 1, 8, True), id="depthwise"),
+    pytest.param(ConvCase(2, 6, 41, 12, 5, 2, 3, 2, 6, False), id="depthwise-mult2-s2-d2"),
 ]
 
 

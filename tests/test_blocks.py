@@ -51,11 +51,16 @@ def _random_init(block, seed):
 
 @pytest.mark.parametrize("hybridize", [False, True])
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(strides=2, use_bias=False),
-                                dict(dilation=2, padding=2, groups=1)])
+                                dict(dilation=2, padding=2, groups=1),
+                                dict(padding=1, groups=5, channels=10),
+                                dict(strides=2, padding=2, dilation=2, groups=5, channels=5)])
 def test_matches_stock_gluon_blocks(kw, hybridize):
     # 7 output channels: the stock 1-D block only survives backward off multiples of 8.
-    stock = _stock_chain(7, 3, 5, **kw)
-    fused = ConvBNReLU1D(7, 3, in_channels=5, **kw)
+    # groups=5: depthwise (with multiplier 2), which has its own CPU kernels.
+    kw = dict(kw)
+    channels = kw.pop("channels", 7)
+    stock = _stock_chain(channels, 3, 5, **kw)
+    fused = ConvBNReLU1D(channels, 3, in_channels=5, **kw)
     stock.initialize()
     fused.initialize()
     _random_init(stock, 0)

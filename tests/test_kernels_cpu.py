@@ -77,6 +77,7 @@ BIG = [
     ConvCase(2, 32, 4096, 32, 3, 2, 1, 1, 1, True),
     ConvCase(4, 128, 256, 128, 1, 1, 0, 1, 1, True),
     ConvCase(1, 64, 2500, 64, 9, 1, 4, 2, 1, True),
+    ConvCase(2, 256, 2048, 256, 3, 1, 1, 1, 256, True),   # depthwise (the engine's own path)
 ]
 SMALL = [
     ConvCase(2, 8, 16, 8, 3, 1, 1, 1, 1, True),           # tiny
@@ -96,6 +97,17 @@ SMALL = [
     ConvCase(2, 33, 130, 70, 2, 1, 1, 1, 1, True),        # even kernel
     ConvCase(5, 3, 1, 2, 1, 1, 0, 1, 1, True),            # width 1
     ConvCase(2, 48, 70, 48, 3, 2, 0, 1, 2, True),         # groups 2 stride 2
+    # depthwise (groups == input channels): csrc/cpu/engine/depthwise.h
+    ConvCase(3, 8, 37, 8, 3, 1, 1, 1, 8, True),           # depthwise
+    ConvCase(2, 6, 41, 12, 5, 2, 2, 1, 6, True),          # multiplier 2, stride 2
+    ConvCase(2, 5, 60, 15, 3, 1, 0, 3, 5, False),         # multiplier 3, dilation 3, pad 0
+    ConvCase(2, 4, 50, 32, 3, 3, 2, 1, 4, True),          # multiplier 8, stride == kernel
+    ConvCase(2, 4, 50, 4, 3, 5, 1, 1, 4, True),           # stride > kernel (gathered windows)
+    ConvCase(1, 3, 1000, 3, 9, 1, 4, 2, 3, True),         # long row, k9 dilation 2
+    ConvCase(2, 7, 9, 7, 5, 2, 6, 2, 7, True),            # pad > kernel: zero edges, stride 2
+    ConvCase(4, 5, 5, 5, 5, 1, 0, 1, 5, True),            # Lout = 1
+    ConvCase(3, 16, 1, 16, 1, 1, 0, 1, 16, False),        # width 1, kernel 1
+    ConvCase(2, 1, 33, 3, 3, 1, 1, 1, 1, True),           # one input channel, groups 1
 ]
 
 

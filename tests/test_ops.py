@@ -155,7 +155,8 @@ def _conv_symbol(impl, conv, no_bias):
 
 
 @pytest.mark.parametrize("use_global_stats", [False, True])
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4], CONV_CASES[5]])
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3], CONV_CASES[4], CONV_CASES[5],
+                                  CONV_CASES[7], CONV_CASES[8]])
 def test_numeric_gradient_float64(case, use_global_stats, impl):
     # Small instance of the case, re-drawn until no pre-activation sits near ReLU's kink,
     # where finite differences are meaningless.

@@ -23,6 +23,7 @@
 #include "isa_traits.h"
 
 #include "engine/backward.h"
+#include "engine/depthwise.h"
 #include "engine/forward.h"
 
 namespace fusedres {
@@ -32,18 +33,29 @@ namespace FUSEDRES_ISA_NS {
   void forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
                      const T* beta, T* rm, T* rv, double eps, double mom, bool ubs, T* z, T* mean, \
                      T* invstd, T* y, bool relu) {                                                 \
-    forward_train_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd, y,   \
+    if (depthwise(s))                                                                              \
+      dw_forward_train<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd, y,   \
                           relu);                                                                   \
+    else                                                                                           \
+      forward_train_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, mom, ubs, z, mean, invstd, y, \
+                            relu);                                                                 \
   }                                                                                                \
   void forward_infer(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,  \
                      const T* beta, const T* rm, const T* rv, double eps, T* y, bool relu) {       \
-    forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                       \
+    if (depthwise(s))                                                                              \
+      dw_forward_infer<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                       \
+    else                                                                                           \
+      forward_infer_impl<T>(s, x, w, bias, gamma, beta, rm, rv, eps, y, relu);                     \
   }                                                                                                \
   void backward(const Conv1dShape& s, bool bs, const T* dy, const T* x, const T* w, const T* z,    \
                 const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx, T* dw,       \
                 T* dbias, T* dgamma, T* dbeta, bool relu) {                                        \
-    backward_impl<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma, dbeta,  \
+    if (depthwise(s))                                                                              \
+      dw_backward<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma, dbeta,  \
                      relu);                                                                        \
+    else                                                                                           \
+      backward_impl<T>(s, bs, dy, x, w, z, gamma, beta, mean, invstd, dx, dw, dbias, dgamma,       \
+                       dbeta, relu);                                                               \
   }
 
 FUSEDRES_ISA_DEFINE(float)

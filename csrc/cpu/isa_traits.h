@@ -15,7 +15,8 @@ namespace fusedres {
 namespace FUSEDRES_ISA_NS {
 namespace {
 
-// Interface (T: element type, W lanes; MR x NR*W conv tile; DMR x DNR*W weight-grad tile):
+// Interface (T: element type, W lanes; MR x NR*W conv tile; DMR x DNR*W weight-grad tile;
+// RNR*W positions of one row in the depthwise convolution):
 //   zero set1 load loadm store storem fma(a,b,c)=a*b+c add sub mul max maskz(m,v) range(lo,hi)
 //   (lanes lo <= i < hi) gt0(v) (v > 0) nan(v) (v is NaN) select(m,a,b) (a where m, else
 //   b) mand hsum. max(a, b) returns b where either is NaN (x86's maxps; VScalar mirrors it).
@@ -24,7 +25,7 @@ struct VF {
   using T = float;
   using reg = __m512;
   using mask = __mmask16;
-  static constexpr int W = 16, MR = 8, NR = 3, DMR = 6, DNR = 4;
+  static constexpr int W = 16, MR = 8, NR = 3, DMR = 6, DNR = 4, RNR = 12;
   static FR_INLINE reg zero() { return _mm512_setzero_ps(); }
   static FR_INLINE reg set1(T a) { return _mm512_set1_ps(a); }
   static FR_INLINE reg load(const T* p) { return _mm512_loadu_ps(p); }
@@ -78,7 +79,7 @@ struct VD {
   using T = double;
   using reg = __m512d;
   using mask = __mmask8;
-  static constexpr int W = 8, MR = 8, NR = 3, DMR = 6, DNR = 4;
+  static constexpr int W = 8, MR = 8, NR = 3, DMR = 6, DNR = 4, RNR = 12;
   static FR_INLINE reg zero() { return _mm512_setzero_pd(); }
   static FR_INLINE reg set1(T a) { return _mm512_set1_pd(a); }
   static FR_INLINE reg load(const T* p) { return _mm512_loadu_pd(p); }
@@ -107,7 +108,7 @@ struct VF {
   using T = float;
   using reg = __m256;
   using mask = __m256i;
-  static constexpr int W = 8, MR = 6, NR = 2, DMR = 4, DNR = 3;
+  static constexpr int W = 8, MR = 6, NR = 2, DMR = 4, DNR = 3, RNR = 6;
   static FR_INLINE reg zero() { return _mm256_setzero_ps(); }
   static FR_INLINE reg set1(T a) { return _mm256_set1_ps(a); }
   static FR_INLINE reg load(const T* p) { return _mm256_loadu_ps(p); }
@@ -165,7 +166,7 @@ struct VD {
   using T = double;
   using reg = __m256d;
   using mask = __m256i;
-  static constexpr int W = 4, MR = 6, NR = 2, DMR = 4, DNR = 3;
+  static constexpr int W = 4, MR = 6, NR = 2, DMR = 4, DNR = 3, RNR = 6;
   static FR_INLINE reg zero() { return _mm256_setzero_pd(); }
   static FR_INLINE reg set1(T a) { return _mm256_set1_pd(a); }
   static FR_INLINE reg load(const T* p) { return _mm256_loadu_pd(p); }
@@ -207,7 +208,7 @@ struct VScalar {
   using T = TT;
   using reg = TT;
   using mask = bool;
-  static constexpr int W = 1, MR = 4, NR = 4, DMR = 4, DNR = 4;
+  static constexpr int W = 1, MR = 4, NR = 4, DMR = 4, DNR = 4, RNR = 8;
   static FR_INLINE reg zero() { return T(0); }
   static FR_INLINE reg set1(T a) { return a; }
   static FR_INLINE reg load(const T* p) { return *p; }

@@ -79,12 +79,100 @@ struct BnSums {
   explicit BnSums(i64 channels) : g(channels), gx(channels) {}
 };
 
+// One row of bn_bwd_reduce: part[0] = sum(g), part[1] = sum(g * xhat) with g = dy * relu'(pre),
+// in float vectors flushed to double every 1024 positions.
+template <class V>
+FR_INLINE void bn_reduce_row(const BnChannel<V>& ch, typename V::T mean, typename V::T invstd,
+                             const typename V::T* zr, const typename V::T* gr, i64 Lo,
+                             double* part) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  const reg muv = V::set1(mean), isv = V::set1(invstd);
+  double sg = 0, sgx = 0;
+  for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
+    const i64 l1 = imin(Lo, l0 + 1024);
+    reg s1 = V::zero(), s2 = V::zero();
+    i64 l = l0;
+    for (; l + W <= l1; l += W) {
+      const reg zv = V::load(zr + l);
+      const reg g = ch.grad(zv, V::load(gr + l));
+      s1 = V::add(s1, g);
+      s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
+    }
+    if (l < l1) {
+      const auto m = V::range(0, int(l1 - l));
+      const reg zv = V::loadm(zr + l, m);
+      // lanes past the row stay 0 (pre of a zero lane may be NaN)
+      const reg g = V::maskz(m, ch.grad(zv, V::loadm(gr + l, m)));
+      s1 = V::add(s1, g);
+      s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
+    }
+    sg += double(V::hsum(s1));
+    sgx += double(V::hsum(s2));
+  }
+  part[0] = sg;
+  part[1] = sgx;
+}
+
+// One channel's dz = scale * g - k0 - k1 * (z - mean) (batch statistics), or scale * g
+// (running ones), from the sums of bn_bwd_reduce over `count` positions.
+template <class V>
+struct BnGrad {
+  using T = typename V::T;
+  using reg = typename V::reg;
+  bool batch_stats;
+  reg muv, scv, k0, nk1;
+  BnGrad(T gamma, T mean, T invstd, bool batch_stats_, double sum_g, double sum_gx, double count)
+      : batch_stats(batch_stats_) {
+    const T scale = gamma * invstd;
+    const double mg = batch_stats ? sum_g / count : 0.0;
+    const double mgx = batch_stats ? sum_gx / count : 0.0;
+    muv = V::set1(mean);
+    scv = V::set1(scale);
+    k0 = V::set1(static_cast<T>(double(scale) * mg));
+    nk1 = V::set1(static_cast<T>(-double(scale) * double(invstd) * mgx));
+  }
+  // With running statistics the batch terms vanish; they are left out rather than
+  // multiplied by 0, which an infinite z would turn into NaN.
+  FR_INLINE reg dz(reg g, reg zv) const {
+    return batch_stats ? V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)))
+                       : V::mul(scv, g);
+  }
+};
+
+// One row of bn_bwd_dz: writes dz, returns its sum (the row's share of the bias gradient).
+template <class V>
+FR_INLINE double bn_dz_row(const BnChannel<V>& ch, const BnGrad<V>& bg, const typename V::T* zr,
+                           const typename V::T* gr, typename V::T* dr, i64 Lo) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  double sdz = 0;
+  for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
+    const i64 l1 = imin(Lo, l0 + 1024);
+    reg s1 = V::zero();
+    i64 l = l0;
+    for (; l + W <= l1; l += W) {
+      const reg zv = V::load(zr + l);
+      const reg d = bg.dz(ch.grad(zv, V::load(gr + l)), zv);
+      V::store(dr + l, d);
+      s1 = V::add(s1, d);
+    }
+    if (l < l1) {
+      const auto m = V::range(0, int(l1 - l));
+      const reg zv = V::loadm(zr + l, m);
+      const reg d = V::maskz(m, bg.dz(ch.grad(zv, V::loadm(gr + l, m)), zv));
+      V::storem(dr + l, d, m);
+      s1 = V::add(s1, d);
+    }
+    sdz += double(V::hsum(s1));
+  }
+  return sdz;
+}
+
 template <typename T>
 void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma, const T* beta,
                    const T* mean, const T* invstd, bool relu, BnSums* sums, T* dgamma, T* dbeta) {
   using V = typename VecOf<T>::type;
-  using reg = typename V::reg;
-  constexpr int W = V::W;
   const i64 Lo = s.Lout(), rows = s.N * s.Cout;
   // Per row, then per channel in a fixed order (results do not depend on the thread count).
   Buf<double> part(rows * 2);
@@ -92,33 +180,7 @@ void bn_bwd_reduce(const Conv1dShape& s, const T* dy, const T* z, const T* gamma
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
-    const reg muv = V::set1(mean[co]), isv = V::set1(invstd[co]);
-    const T* zr = z + row * Lo;
-    const T* gr = dy + row * Lo;
-    double sg = 0, sgx = 0;
-    for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
-      const i64 l1 = imin(Lo, l0 + 1024);
-      reg s1 = V::zero(), s2 = V::zero();
-      i64 l = l0;
-      for (; l + W <= l1; l += W) {
-        const reg zv = V::load(zr + l);
-        const reg g = ch.grad(zv, V::load(gr + l));
-        s1 = V::add(s1, g);
-        s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
-      }
-      if (l < l1) {
-        const auto m = V::range(0, int(l1 - l));
-        const reg zv = V::loadm(zr + l, m);
-        // lanes past the row stay 0 (pre of a zero lane may be NaN)
-        const reg g = V::maskz(m, ch.grad(zv, V::loadm(gr + l, m)));
-        s1 = V::add(s1, g);
-        s2 = V::fma(g, V::mul(V::sub(zv, muv), isv), s2);
-      }
-      sg += double(V::hsum(s1));
-      sgx += double(V::hsum(s2));
-    }
-    part.p[row * 2] = sg;
-    part.p[row * 2 + 1] = sgx;
+    bn_reduce_row<V>(ch, mean[co], invstd[co], z + row * Lo, dy + row * Lo, Lo, part.p + row * 2);
   }
   for (i64 co = 0; co < s.Cout; ++co) {
     double a = 0, b = 0;
@@ -140,52 +202,15 @@ void bn_bwd_dz(const Conv1dShape& s, bool batch_stats, const T* dy, const T* z, 
                const T* beta, const T* mean, const T* invstd, bool relu, const BnSums& sums, T* dz,
                T* dbias) {
   using V = typename VecOf<T>::type;
-  using reg = typename V::reg;
-  constexpr int W = V::W;
   const i64 Lo = s.Lout(), M = s.N * Lo, rows = s.N * s.Cout;
   Buf<double> part(rows);
 #pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
-    const T is = invstd[co], scale = gamma[co] * is;
-    const double mg = batch_stats ? sums.g.p[co] / double(M) : 0.0;
-    const double mgx = batch_stats ? sums.gx.p[co] / double(M) : 0.0;
-    const reg muv = V::set1(mean[co]), scv = V::set1(scale);
-    const reg k0 = V::set1(static_cast<T>(double(scale) * mg));
-    const reg nk1 = V::set1(static_cast<T>(-double(scale) * double(is) * mgx));
-    // With running statistics the batch terms vanish; they are left out rather than
-    // multiplied by 0, which an infinite z would turn into NaN.
-    auto dz_of = [&](reg g, reg zv) {
-      return batch_stats ? V::fma(scv, g, V::fma(V::sub(zv, muv), nk1, V::sub(V::zero(), k0)))
-                         : V::mul(scv, g);
-    };
-    const T* zr = z + row * Lo;
-    const T* gr = dy + row * Lo;
-    T* dr = dz + row * Lo;
-    double sdz = 0;
-    for (i64 l0 = 0; l0 < Lo; l0 += 1024) {
-      const i64 l1 = imin(Lo, l0 + 1024);
-      reg s1 = V::zero();
-      i64 l = l0;
-      for (; l + W <= l1; l += W) {
-        const reg zv = V::load(zr + l);
-        const reg g = ch.grad(zv, V::load(gr + l));
-        const reg d = dz_of(g, zv);
-        V::store(dr + l, d);
-        s1 = V::add(s1, d);
-      }
-      if (l < l1) {
-        const auto m = V::range(0, int(l1 - l));
-        const reg zv = V::loadm(zr + l, m);
-        const reg g = ch.grad(zv, V::loadm(gr + l, m));
-        const reg d = V::maskz(m, dz_of(g, zv));
-        V::storem(dr + l, d, m);
-        s1 = V::add(s1, d);
-      }
-      sdz += double(V::hsum(s1));
-    }
-    part.p[row] = sdz;
+    const BnGrad<V> bg(gamma[co], mean[co], invstd[co], batch_stats, sums.g.p[co], sums.gx.p[co],
+                       double(M));
+    part.p[row] = bn_dz_row<V>(ch, bg, z + row * Lo, dy + row * Lo, dz + row * Lo, Lo);
   }
   if (dbias)
     for (i64 co = 0; co < s.Cout; ++co) {

@@ -25,27 +25,46 @@ i64 packed_size_forward(const Conv1dShape& s) {
   return G * cdiv(cout_g, V::MR) * V::MR * s.K * cin_g;
 }
 
+// One row of y = relu(bn(z)) (bn(z) without relu). y may be z.
+template <class V>
+FR_INLINE void normalize_row(const BnChannel<V>& ch, const typename V::T* zr, typename V::T* yr,
+                             i64 Lo) {
+  constexpr int W = V::W;
+  i64 l = 0;
+  for (; l + W <= Lo; l += W) V::store(yr + l, ch.out(V::load(zr + l)));
+  if (l < Lo) {
+    const auto m = V::range(0, int(Lo - l));
+    V::storem(yr + l, ch.out(V::loadm(zr + l, m)), m);
+  }
+}
+
 // y = relu(bn(z)) per channel (bn(z) without relu), parallel over rows. y may be z.
 template <class V>
 void normalize_relu(const Conv1dShape& s, const typename V::T* z, const typename V::T* gamma,
                     const typename V::T* beta, const typename V::T* mean,
                     const typename V::T* invstd, typename V::T* y, bool relu) {
-  using T = typename V::T;
-  constexpr int W = V::W;
   const i64 Lo = s.Lout(), rows = s.N * s.Cout;
 #pragma omp parallel for schedule(static) if (worth_threads(2 * rows * Lo))
   for (i64 row = 0; row < rows; ++row) {
     const i64 co = row % s.Cout;
     const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
-    const T* zr = z + row * Lo;
-    T* yr = y + row * Lo;
-    i64 l = 0;
-    for (; l + W <= Lo; l += W) V::store(yr + l, ch.out(V::load(zr + l)));
-    if (l < Lo) {
-      const auto m = V::range(0, int(Lo - l));
-      V::storem(yr + l, ch.out(V::loadm(zr + l, m)), m);
-    }
+    normalize_row<V>(ch, z + row * Lo, y + row * Lo, Lo);
   }
+}
+
+// Inference folds batchnorm into the conv: w' = w * scale, b' = (b - running_mean) * scale + beta
+// with scale = gamma / sqrt(running_var + eps). Returns whether every b' is finite.
+template <typename T>
+bool fold_bn(const Conv1dShape& s, const T* bias, const T* gamma, const T* beta,
+             const T* running_mean, const T* running_var, double eps, double* scale, T* bf) {
+  bool finite = true;
+  for (i64 co = 0; co < s.Cout; ++co) {
+    scale[co] = gamma[co] / std::sqrt(static_cast<double>(running_var[co]) + eps);
+    const double b0 = bias ? bias[co] : 0.0;
+    bf[co] = static_cast<T>((b0 - running_mean[co]) * scale[co] + beta[co]);
+    finite = finite && std::isfinite(bf[co]);
+  }
+  return finite;
 }
 
 template <typename T>
@@ -101,13 +120,7 @@ void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
   Buf<T> bf(s.Cout);
-  bool finite = true;
-  for (i64 co = 0; co < s.Cout; ++co) {
-    scale.p[co] = gamma[co] / std::sqrt(static_cast<double>(running_var[co]) + eps);
-    const double b0 = bias ? bias[co] : 0.0;
-    bf.p[co] = static_cast<T>((b0 - running_mean[co]) * scale.p[co] + beta[co]);
-    finite = finite && std::isfinite(bf.p[co]);
-  }
+  bool finite = fold_bn(s, bias, gamma, beta, running_mean, running_var, eps, scale.p, bf.p);
   Buf<T> wp(packed_size_forward<V>(s));
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
