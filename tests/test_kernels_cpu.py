@@ -108,6 +108,10 @@ SMALL = [
     ConvCase(4, 5, 5, 5, 5, 1, 0, 1, 5, True),            # Lout = 1
     ConvCase(3, 16, 1, 16, 1, 1, 0, 1, 16, False),        # width 1, kernel 1
     ConvCase(2, 1, 33, 3, 3, 1, 1, 1, 1, True),           # one input channel, groups 1
+    # few input channels per group: the weight gradient by row dots (backward.h)
+    ConvCase(2, 1, 300, 16, 7, 2, 3, 1, 1, True),         # a stem: 1 channel in, 16 out
+    ConvCase(2, 16, 50, 16, 3, 1, 1, 1, 2, True),         # 8 per group: the boundary
+    ConvCase(2, 12, 45, 20, 3, 2, 2, 2, 4, False),        # 3 in, 5 out per group, s2 d2
 ]
 
 

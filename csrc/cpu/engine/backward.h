@@ -375,6 +375,39 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
         dw[(co * cin_g + ci) * K + k] = static_cast<T>(acc.p[co * dst_row + k * CP + ci]);
 }
 
+// conv_bwd_weight for groups of few input channels (below half a vector: the transposed-input
+// tile of conv_bwd_weight would be mostly padding): dw[co, ci, k] = sum over n of the dot of
+// dz row (n, co) with tap k of input row (n, ci), a block of output channels per work item (the
+// items own disjoint weights: deterministic for any thread count).
+template <typename T>
+void conv_bwd_weight_rows(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
+  using V = typename VecOf<T>::type;
+  const i64 Lo = s.Lout(), G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
+  constexpr i64 CB = 8;  // output channels per item
+  const i64 ncb = cdiv(cout_g, CB), items = G * ncb;
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
+  {
+    Buf<T> ph(s.stride > 1 ? s.stride * cdiv(s.L, s.stride) : 0);
+    Buf<Tap<T>> taps(K);
+    Buf<double> acc(CB * cin_g * K);
+#pragma omp for schedule(static)
+    for (i64 it = 0; it < items; ++it) {
+      const i64 g = it / ncb, o0 = (it % ncb) * CB, no = imin(CB, cout_g - o0);
+      std::memset(acc.p, 0, sizeof(double) * size_t(CB * cin_g * K));
+      for (i64 n = 0; n < s.N; ++n)
+        for (i64 ci = 0; ci < cin_g; ++ci) {
+          row_taps(s, x + (n * s.Cin + g * cin_g + ci) * s.L, ph.p, taps.p);
+          for (i64 o = 0; o < no; ++o)
+            tap_dots<V>(dz + (n * s.Cout + g * cout_g + o0 + o) * Lo, Lo, taps.p, K,
+                        acc.p + (o * cin_g + ci) * K);
+        }
+      for (i64 o = 0; o < no; ++o)
+        for (i64 i = 0; i < cin_g * K; ++i)
+          dw[(g * cout_g + o0 + o) * cin_g * K + i] = static_cast<T>(acc.p[o * cin_g * K + i]);
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x, const T* w,
                    const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd, T* dx,
@@ -387,7 +420,12 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   T* dz = workspace<T>(s.N * s.Cout * s.Lout());
   bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
   if (dx) conv_bwd_data(s, dz, w, dx);
-  if (dw) conv_bwd_weight(s, dz, x, dw);
+  if (dw) {
+    if (2 * (s.Cin / s.groups) <= VecOf<T>::type::W)
+      conv_bwd_weight_rows(s, dz, x, dw);
+    else
+      conv_bwd_weight(s, dz, x, dw);
+  }
 }
 
 }  // namespace

@@ -282,6 +282,61 @@ void deinterleave(const T* src, i64 C, i64 L, i64 S, i64 qbeg, i64 qend, T* dst,
   }
 }
 
+// The taps of a row conv reading input row xr (length L): the row shifted by k*dilation - pad
+// (stride 1), or the phase rows ph[r][q] = xr[q*S + r] written here (stride S > 1).
+template <typename T>
+void row_taps(const Conv1dShape& s, const T* xr, T* ph, Tap<T>* taps) {
+  const i64 S = s.stride, Lq = cdiv(s.L, S);
+  if (S > 1) deinterleave(xr, 1, s.L, S, 0, Lq, ph, Lq);
+  for (i64 k = 0; k < s.K; ++k) {
+    const i64 off = k * s.dilation - s.pad;
+    if (S == 1) {
+      taps[k] = Tap<T>{xr, off, s.L};
+    } else {
+      const i64 r = fmod_pos(off, S);
+      taps[k] = Tap<T>{ph + r * Lq, fdiv(off, S), r < s.L ? cdiv(s.L - r, S) : 0};
+    }
+  }
+}
+
+// sum_j a[j] * b[j] for j in [0, n) (float vectors flushed to double every 1024 positions).
+template <class V>
+FR_INLINE double row_dot(const typename V::T* a, const typename V::T* b, i64 n) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  double total = 0;
+  for (i64 i0 = 0; i0 < n; i0 += 1024) {
+    const i64 i1 = imin(n, i0 + 1024);
+    reg s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+    i64 i = i0;
+    for (; i + 4 * W <= i1; i += 4 * W) {
+      s0 = V::fma(V::load(a + i), V::load(b + i), s0);
+      s1 = V::fma(V::load(a + i + W), V::load(b + i + W), s1);
+      s2 = V::fma(V::load(a + i + 2 * W), V::load(b + i + 2 * W), s2);
+      s3 = V::fma(V::load(a + i + 3 * W), V::load(b + i + 3 * W), s3);
+    }
+    for (; i + W <= i1; i += W) s0 = V::fma(V::load(a + i), V::load(b + i), s0);
+    if (i < i1) {
+      const auto m = V::range(0, int(i1 - i));
+      s1 = V::fma(V::loadm(a + i, m), V::loadm(b + i, m), s1);
+    }
+    total += double(V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))));
+  }
+  return total;
+}
+
+// dst[k] += sum_l dz[l] * tap_k(l) over l in [0, Lo) where tap k is inside its row: one input
+// row's share of a weight gradient.
+template <class V>
+FR_INLINE void tap_dots(const typename V::T* dz, i64 Lo, const Tap<typename V::T>* taps, i64 K,
+                        double* dst) {
+  for (i64 k = 0; k < K; ++k) {
+    const Tap<typename V::T>& t = taps[k];
+    const i64 la = iclamp(-t.off, 0, Lo), lb = iclamp(t.len - t.off, 0, Lo);
+    if (la < lb) dst[k] += row_dot<V>(dz + la, t.base + la + t.off, lb - la);
+  }
+}
+
 // Forward conv over all units with the given epilogue. x: (N, Cin, L). wp packed per group.
 // out: (N, Cout, Lout). stats: [unit][Cout][3] for E_STATS.
 template <class V, int EPI>
