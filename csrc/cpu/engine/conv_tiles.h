@@ -83,7 +83,22 @@ struct ConvUnit {
   T* out;
   i64 ostride;
   double* stats;
+  // Input of the next unit, fetched into L2 while this one computes (rows pf + r * pf_cs,
+  // r < pf_rows, elements [0, pf_len)): without it the first pass over a unit's input waits
+  // on memory whenever another layer has evicted it (always, inside a network).
+  const T* pf = nullptr;
+  i64 pf_rows = 0, pf_cs = 0, pf_len = 0;
 };
+
+// Prefetches rows [r0, r1) of a unit's prefetch descriptor into L2.
+template <class V>
+FR_INLINE void prefetch_rows(const ConvUnit<V>& u, i64 r0, i64 r1) {
+  constexpr i64 LINE = 64 / i64(sizeof(typename V::T));
+  for (i64 r = r0; r < r1; ++r) {
+    const typename V::T* p = u.pf + r * u.pf_cs;
+    for (i64 e = 0; e < u.pf_len; e += LINE) __builtin_prefetch(p + e, 0, 2);
+  }
+}
 
 template <class V, int MR, int NV, int EPI>
 FR_INLINE void conv_tile(const ConvUnit<V>& u, const typename V::T* wblk, i64 r0, i64 nr,
@@ -151,8 +166,9 @@ void conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
     int_lo = imax(int_lo, -u.taps[t].off);
     int_hi = imin(int_hi, u.taps[t].len - u.taps[t].off - TW);
   }
-  const i64 ncb = cdiv(u.rows, MR);
+  const i64 ncb = cdiv(u.rows, MR), pf_per_cb = cdiv(u.pf_rows, ncb);
   for (i64 cb = 0; cb < ncb; ++cb) {
+    if (u.pf) prefetch_rows(u, cb * pf_per_cb, imin(u.pf_rows, (cb + 1) * pf_per_cb));
     const T* wblk = u.wp + cb * u.ntaps * u.nci * MR;
     const i64 r0 = cb * MR, nr = imin(MR, u.rows - r0);
     reg bv[MR], sv[MR], qv[MR];
@@ -393,6 +409,17 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
                        out + (n * s.Cout + g * cout_g) * Lo,
                        Lo,
                        stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
+        if (u + 1 < nunits) {
+          // the next unit's input window of this group's channels
+          const i64 n1 = (u + 1) / ch.nch, ja1 = ((u + 1) % ch.nch) * ch.CH;
+          const i64 jb1 = imin(Lo, ja1 + ch.CH);
+          const i64 p0 = iclamp(ja1 * S - s.pad, 0, s.L);
+          const i64 p1 = iclamp((jb1 - 1) * S + (K - 1) * s.dilation - s.pad + 1, 0, s.L);
+          cu.pf = x + (n1 * s.Cin + g * cin_g) * s.L + p0;
+          cu.pf_rows = cin_g;
+          cu.pf_cs = s.L;
+          cu.pf_len = p1 - p0;
+        }
         run_conv_unit<V, EPI>(cu, ja, jb);
       }
     }
