@@ -4,7 +4,8 @@
 // Every conv (forward, backward-data, backward-weight) is one implicit GEMM on the same tile
 // engine: a 64x64 output tile per 256-thread block, 4x4 outputs per thread, 16-deep shared
 // memory slices of A and B gathered on the fly (padding, stride, dilation and groups live in
-// the gather). Plain FMA, no tensor cores yet.
+// the gather). Plain FMA, no tensor cores yet. Depthwise convs (groups == Cin, at most 8 output
+// channels per group) have direct kernels of their own (conv_dw_*, below the GEMM ones).
 //
 // Statistics are deterministic (no atomics): the forward epilogue writes, per (column tile,
 // channel), the tile's sum and its sum of squared deviations from the tile mean; a second
@@ -216,6 +217,27 @@ __device__ __forceinline__ float half_warp_sum(float v) {
   return v;
 }
 
+// Statistics of one column tile of one channel, held by a half warp as the GEMM epilogue holds
+// it (lane tx: columns tx + 16 j, ok[j] where the column exists, cnt of them in all): sum, and
+// M2 about the tile mean sum / cnt, in every lane. Shared by the GEMM and the depthwise
+// forward, so that the two give the same statistics bit for bit; __fmul_rn keeps the compiler
+// from contracting d * d + m2 in one and not the other. Every lane must call it.
+__device__ __forceinline__ void tile_stats(const float (&v)[4], const bool (&ok)[4], int cnt,
+                                           float& sum, float& m2) {
+  sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) sum += ok[j] ? v[j] : 0.f;
+  sum = half_warp_sum(sum);
+  const float mean_b = sum / cnt;
+  m2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float d = v[j] - mean_b;
+    m2 += ok[j] ? __fmul_rn(d, d) : 0.f;
+  }
+  m2 = half_warp_sum(m2);
+}
+
 template <typename T>
 __device__ void conv_fwd_train(const Shape s, const T* __restrict__ x, const T* __restrict__ w,
                                const T* __restrict__ bias, T* __restrict__ z,
@@ -242,18 +264,8 @@ __device__ void conv_fwd_train(const Shape s, const T* __restrict__ x, const T* 
       if (rok && cok[j]) z[off[j] + (size_t)co * s.Lout] = zt;
     }
     if (stats) {  // uniform: the whole warp takes the shuffles
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sum += cok[j] ? v[j] : 0.f;
-      sum = half_warp_sum(sum);
-      const float mean_b = sum / cnt;
-      float m2 = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float d = v[j] - mean_b;
-        m2 += cok[j] ? d * d : 0.f;
-      }
-      m2 = half_warp_sum(m2);
+      float sum, m2;
+      tile_stats(v, cok, cnt, sum, m2);
       if (tx == 0 && rok) {
         psum[(size_t)blockIdx.x * s.Cout + co] = sum;
         pm2[(size_t)blockIdx.x * s.Cout + co] = m2;
@@ -345,6 +357,157 @@ __device__ void conv_bwd_weight(const Shape s, const T* __restrict__ x,
       if (r < Kw) out[(size_t)(g * cout_g + row) * Kw + r] = acc[i][j];
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise convs: groups == Cin (one input channel per group) and mult = Cout / groups output
+// channels per input channel, at most 8 (the CPU engine's rule, csrc/cpu/engine/depthwise.h),
+// where the GEMM tile would hold mult real rows of 64. Output channel co reads input channel
+// co / mult. Direct convolutions, no shared memory: a thread per output (forward) or per input
+// element (data gradient), a block per (channel, 8 taps, split of the batch) for the weight
+// gradient. Grids are one-dimensional over the outputs (or channels), so groups is not bounded
+// by a grid axis here. The forward and the data gradient accumulate exactly as the GEMM does
+// (taps in order, fmaf, zero taps outside the input included), and the training forward's
+// statistics use the GEMM epilogue's lane layout and tile_stats: z, y, the statistics and dx
+// equal the GEMM path's bit for bit. The weight gradient differs from it in summation order.
+
+constexpr int DW_TAPS = 8;  // weight-gradient taps per block, in registers
+
+// z[n, co, l] before the bias: sum over taps of w[co, 0, tap] * x[n, co / mult, pos], pos =
+// l * stride - pad + tap * dil modulo 2^32 (zero outside [0, L)), as FwdProb gathers it.
+template <typename T>
+__device__ __forceinline__ float dw_conv(const Shape& s, const T* __restrict__ x,
+                                         const T* __restrict__ w, int mult, int n, int co, int l) {
+  const T* xr = x + ((size_t)n * s.Cin + co / mult) * s.L;
+  const T* wr = w + (size_t)co * s.K;
+  const unsigned pos0 = (unsigned)l * (unsigned)s.stride - (unsigned)s.pad;
+  float acc = 0.f;
+  for (int tap = 0; tap < s.K; ++tap) {
+    const unsigned pos = pos0 + (unsigned)tap * (unsigned)s.dil;
+    acc = fmaf(to_f(wr[tap]), pos < (unsigned)s.L ? to_f(xr[pos]) : 0.f, acc);
+  }
+  return acc;
+}
+
+// Half warp h of the grid (16 lanes; blockDim.x / 16 per block) owns column tile h % ntiles of
+// channel h / ntiles, its lane tx the columns tile * 64 + tx + 16 j as in conv_fwd_train; half
+// warps past the last tile compute nothing but take the shuffles. Cout * ntiles is at most
+// max(Cout, 2 * Cout * M / 64) < 2^31 - 2^16, and h below it plus 16.
+template <typename T>
+__device__ void conv_dw_fwd_train(const Shape s, const T* __restrict__ x, const T* __restrict__ w,
+                                  const T* __restrict__ bias, T* __restrict__ z,
+                                  float* __restrict__ psum, float* __restrict__ pm2, int stats) {
+  const int M = s.N * s.Lout, ntiles = (M + BN - 1) / BN, mult = s.cout_g();
+  const int h = blockIdx.x * (blockDim.x >> 4) + (threadIdx.x >> 4), tx = threadIdx.x & 15;
+  const bool live = h < s.Cout * ntiles;
+  const int tile = live ? h % ntiles : 0, co = live ? h / ntiles : 0, col0 = tile * BN;
+  const float bv = live && bias ? to_f(bias[co]) : 0.f;
+  float v[4];
+  bool ok[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int m = col0 + tx + 16 * j;
+    ok[j] = live && m < M;
+    v[j] = 0.f;
+    if (ok[j]) {
+      const int n = m / s.Lout, l = m - n * s.Lout;
+      const T zt = from_f<T>(dw_conv(s, x, w, mult, n, co, l) + bv);
+      v[j] = to_f(zt);  // statistics of z as stored
+      z[((size_t)n * s.Cout + co) * s.Lout + l] = zt;
+    }
+  }
+  if (stats) {  // uniform: the whole warp takes the shuffles
+    float sum, m2;
+    tile_stats(v, ok, min(BN, M - col0), sum, m2);
+    if (tx == 0 && live) {
+      psum[(size_t)tile * s.Cout + co] = sum;
+      pm2[(size_t)tile * s.Cout + co] = m2;
+    }
+  }
+}
+
+// A thread per output y[e], e = (n * Cout + co) * Lout + l < 2^31 - 2^16; the epilogue of
+// conv_fwd_infer.
+template <typename T, typename P>
+__device__ void conv_dw_fwd_infer(const Shape s, const T* __restrict__ x, const T* __restrict__ w,
+                                  const T* __restrict__ bias, const P* __restrict__ gamma,
+                                  const P* __restrict__ beta, const P* __restrict__ rmean,
+                                  const P* __restrict__ rvar, float eps, int do_relu,
+                                  T* __restrict__ y) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= s.N * s.Cout * s.Lout) return;
+  const int l = e % s.Lout, r = e / s.Lout, co = r % s.Cout, n = r / s.Cout;
+  const float invstd = 1.f / sqrtf(to_f(rvar[co]) + eps);
+  const Affine af = bn_affine(to_f(gamma[co]), to_f(beta[co]), to_f(rmean[co]), invstd);
+  const float bv = bias ? to_f(bias[co]) : 0.f;
+  const float zv = to_f(from_f<T>(dw_conv(s, x, w, s.cout_g(), n, co, l) + bv));
+  y[e] = from_f<T>(act(af.pre(zv), do_relu));
+}
+
+// A thread per input element dx[e], e = (n * Cin + ci) * L + i < 2^31 - 2^16: the sum over the
+// channel's mult outputs co = ci * mult + j and taps, in BwdDataProb's order and arithmetic, of
+// w[co, 0, tap] * dz[n, co, l] where l * stride = i + pad - tap * dil (else zero).
+template <typename T>
+__device__ void conv_dw_bwd_data(const Shape s, const float* __restrict__ dz,
+                                 const T* __restrict__ w, T* __restrict__ dx) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= s.N * s.Cin * s.L) return;
+  const int i = e % s.L, r = e / s.L, ci = r % s.Cin, n = r / s.Cin, mult = s.cout_g();
+  const float* dzr = dz + ((size_t)n * s.Cout + (size_t)ci * mult) * s.Lout;
+  const T* wr = w + (size_t)ci * mult * s.K;
+  const unsigned q0 = (unsigned)i + (unsigned)s.pad, stride = (unsigned)s.stride;
+  float acc = 0.f;
+  for (int j = 0; j < mult; ++j)
+    for (int tap = 0; tap < s.K; ++tap) {
+      const long long t = (long long)q0 - (long long)tap * s.dil;
+      float d = 0.f;
+      if (t >= 0) {
+        const unsigned ut = (unsigned)t, l = stride == 1 ? ut : ut / stride;
+        if (l * stride == ut && l < (unsigned)s.Lout) d = dzr[(size_t)j * s.Lout + l];
+      }
+      acc = fmaf(to_f(wr[(size_t)j * s.K + tap]), d, acc);
+    }
+  dx[e] = from_f<T>(acc);
+}
+
+// Block (co * ceil(K / DW_TAPS) + c, split) sums dz[n, co, l] * x[n, co / mult, l * stride +
+// tap * dil - pad] for taps tap0 = c * DW_TAPS on (at most DW_TAPS of them) over the columns
+// m = n * Lout + l in [split * chunk, (split + 1) * chunk): a strided share per thread, then
+// block_sum (a fixed tree). Writes ws[split][co * K + tap] for each of its taps, zeros included,
+// the layout conv_bwd_weight writes (Kw = K) and sum_splits reads.
+template <typename T>
+__device__ void conv_dw_bwd_weight(const Shape s, const T* __restrict__ x,
+                                   const float* __restrict__ dz, int chunk,
+                                   float* __restrict__ ws) {
+  const int nchunks = (s.K + DW_TAPS - 1) / DW_TAPS, co = blockIdx.x / nchunks;
+  const int tap0 = (blockIdx.x - co * nchunks) * DW_TAPS, ntaps = min(DW_TAPS, s.K - tap0);
+  const int M = s.N * s.Lout, split = blockIdx.y;
+  const int beg = min(M, split * chunk), end = beg + min(chunk, M - beg);
+  const T* xc = x + (size_t)(co / s.cout_g()) * s.L;
+  const float* dzc = dz + (size_t)co * s.Lout;
+  const unsigned shift = (unsigned)tap0 * (unsigned)s.dil - (unsigned)s.pad;
+  float acc[DW_TAPS];
+#pragma unroll
+  for (int k = 0; k < DW_TAPS; ++k) acc[k] = 0.f;
+  for (int m = beg + threadIdx.x; m < end; m += blockDim.x) {
+    const int n = m / s.Lout, l = m - n * s.Lout;
+    const float d = dzc[(size_t)n * s.Cout * s.Lout + l];
+    const T* xn = xc + (size_t)n * s.Cin * s.L;
+    const unsigned pos0 = (unsigned)l * (unsigned)s.stride + shift;
+#pragma unroll
+    for (int k = 0; k < DW_TAPS; ++k)
+      if (k < ntaps) {
+        const unsigned pos = pos0 + (unsigned)k * (unsigned)s.dil;
+        acc[k] = fmaf(d, pos < (unsigned)s.L ? to_f(xn[pos]) : 0.f, acc[k]);
+      }
+  }
+  float* out = ws + (size_t)split * s.Cout * s.K + (size_t)co * s.K + tap0;
+#pragma unroll
+  for (int k = 0; k < DW_TAPS; ++k)
+    if (k < ntaps) {  // uniform: every thread takes the block_sum
+      const float t = block_sum(acc[k]);
+      if (threadIdx.x == 0) out[k] = t;
+    }
 }
 
 // out[i] = sum over splits s of ws[s * count + i], in split order, in double.
@@ -528,6 +691,19 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
       FUSEDRES_SHAPE_PARAMS, const T* x, const float* dz, int kchunk, float* ws) {               \
     fusedres::conv_bwd_weight<T>(FUSEDRES_SHAPE, x, dz, kchunk, ws);                             \
   }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                \
+      conv1d_dw_fwd_train_##SUF(FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias,    \
+                                T* z, float* psum, float* pm2, int stats) {                      \
+    fusedres::conv_dw_fwd_train<T>(FUSEDRES_SHAPE, x, w, bias, z, psum, pm2, stats);             \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS)                                \
+      conv1d_dw_bwd_data_##SUF(FUSEDRES_SHAPE_PARAMS, const float* dz, const T* w, T* dx) {      \
+    fusedres::conv_dw_bwd_data<T>(FUSEDRES_SHAPE, dz, w, dx);                                    \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS) conv1d_dw_bwd_weight_##SUF(    \
+      FUSEDRES_SHAPE_PARAMS, const T* x, const float* dz, int chunk, float* ws) {                \
+    fusedres::conv_dw_bwd_weight<T>(FUSEDRES_SHAPE, x, dz, chunk, ws);                           \
+  }                                                                                              \
   extern "C" __global__ void sum_splits_##SUF(const float* ws, int nsplits, int count, T* out) { \
     fusedres::sum_splits<T>(ws, nsplits, count, out);                                            \
   }
@@ -551,6 +727,12 @@ __device__ void bn_bwd_dz(const T* __restrict__ dy, const T* __restrict__ z,
       const P* rmean, const P* rvar, float eps, int do_relu, T* y) {                               \
     fusedres::conv_fwd_infer<T, P>(FUSEDRES_SHAPE, x, w, bias, gamma, beta, rmean, rvar, eps,      \
                                    do_relu, y);                                                    \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(fusedres::THREADS) conv1d_dw_fwd_infer_##SUF(       \
+      FUSEDRES_SHAPE_PARAMS, const T* x, const T* w, const T* bias, const P* gamma, const P* beta, \
+      const P* rmean, const P* rvar, float eps, int do_relu, T* y) {                               \
+    fusedres::conv_dw_fwd_infer<T, P>(FUSEDRES_SHAPE, x, w, bias, gamma, beta, rmean, rvar, eps,   \
+                                      do_relu, y);                                                 \
   }                                                                                                \
   extern "C" __global__ void bn_relu_apply_##SUF(const T* z, const P* gamma, const P* beta,        \
                                                  const P* mean, const P* invstd, int rows, int C,  \
