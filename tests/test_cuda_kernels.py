@@ -5,6 +5,7 @@ tests/cuda_emu, in two schedules (conftest.py's cuda_target). References run in 
 very values the kernel saw (float16 inputs are rounded first), so the tolerance only has to
 cover the kernel's own error.
 """
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,7 @@ from helpers import (BAD_KERNEL_CALLS, EPS, TOL, ConvCase, assert_refused_as_the
                      cuda_targets)
 
 from fusedres import cuda, reference
+from fusedres.cuda import conv1d_bn_relu as cuda_conv
 from fusedres.cuda import loader
 
 cp = None  # CuPy or the emulation's stand-in, set per target by _target
@@ -98,6 +100,11 @@ def run_forward_train(host, conv, dt, pt, batch_stats, relu=True):
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("relu", [True, False])
 def test_forward_train(case, dtypes, batch_stats, relu):
+    check_forward_train(case, dtypes, batch_stats, relu)
+
+
+def check_forward_train(case, dtypes, batch_stats, relu):
+    """test_forward_train's checks; returns (inputs, conv, the kernels' outputs)."""
     host, conv, dt, pt = make_inputs(case, dtypes)
     d = run_forward_train(host, conv, dt, pt, batch_stats, relu)
     y, cache, rm, rv = reference.conv1d_bn_relu_forward(
@@ -115,12 +122,18 @@ def test_forward_train(case, dtypes, batch_stats, relu):
         assert_close(d["invstd"], 1 / np.sqrt(f64(host["rv"]) + EPS), dt, "invstd")
     assert_close(d["rm"], rm, dt, "running_mean")
     assert_close(d["rv"], rv, dt, "running_var")
+    return host, conv, d
 
 
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("relu", [True, False])
 def test_forward_infer(case, dtypes, relu):
+    check_forward_infer(case, dtypes, relu)
+
+
+def check_forward_infer(case, dtypes, relu):
+    """test_forward_infer's checks; returns the kernel's output."""
     host, conv, dt, pt = make_inputs(case, dtypes)
     y_ref = reference.conv1d_bn_relu_forward(
         f64(host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]), f64(host["beta"]),
@@ -131,6 +144,7 @@ def test_forward_infer(case, dtypes, relu):
                                       d["rv"], y, conv["stride"], conv["pad"], conv["dilate"],
                                       conv["num_group"], EPS, relu=relu)
     assert_close(y, y_ref, dt, "out")
+    return y
 
 
 def reference_backward(host, conv, d, dy, batch_stats, relu=True):
@@ -169,12 +183,19 @@ def run_backward(host, conv, d, dy, batch_stats, relu=True):
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("relu", [True, False])
 def test_backward(case, dtypes, batch_stats, relu):
+    check_backward(case, dtypes, batch_stats, relu)
+
+
+def check_backward(case, dtypes, batch_stats, relu):
+    """test_backward's checks; returns (inputs, conv, forward outputs, dy, the gradients)."""
     host, conv, dt, pt = make_inputs(case, dtypes)
     d = run_forward_train(host, conv, dt, pt, batch_stats, relu)
     dy = np.random.default_rng(1).standard_normal(d["z"].shape).astype(dt)
     ref = reference_backward(host, conv, d, dy, batch_stats, relu)
-    for name, got in run_backward(host, conv, d, dy, batch_stats, relu).items():
+    grads = run_backward(host, conv, d, dy, batch_stats, relu)
+    for name, got in grads.items():
         assert_close(got, ref[name], dt, f"{name}_grad")
+    return host, conv, d, dy, grads
 
 
 @pytest.mark.parametrize("wanted", [("data",), ("weight",), ("gamma", "beta"), ("bias",)])
@@ -207,6 +228,169 @@ def test_deterministic():
         outs.append([cp.asnumpy(a) for a in (d["y"], d["mean"], d["invstd"], *g.values())])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convs (one input channel per group, at most 8 output channels per group: the CPU
+# engine's rule) run the conv1d_dw_* kernels. Besides the reference, they are held to the GEMM
+# kernels on the same shape: z, the output, the statistics and every gradient but the weight's
+# are the same number for number (the depthwise kernels accumulate in the GEMM's order and
+# share its statistics code); the weight gradient sums in another order.
+
+DW_CASES = {
+    "dw_m1": ConvCase(2, 7, 97, 7, 3, 1, 1, 1, 7, True),  # tiles across the batch's rows
+    "dw_m2_s2_d2_nobias": ConvCase(3, 6, 41, 12, 5, 2, 3, 2, 6, False),
+    "dw_m8_s3": ConvCase(2, 3, 50, 24, 4, 3, 2, 1, 3, True),
+    "dw_stride5_gt_k2": ConvCase(2, 5, 61, 5, 2, 5, 1, 1, 5, True),  # inputs no output reads
+    "dw_pad5_gt_k3": ConvCase(2, 4, 9, 8, 3, 1, 5, 1, 4, True),  # outputs reading padding only
+    "dw_lout1": ConvCase(3, 5, 7, 5, 7, 1, 0, 1, 5, True),
+    "dw_width1_m2": ConvCase(5, 3, 1, 6, 3, 1, 1, 1, 3, True),
+    "dw_k11_d3": ConvCase(2, 4, 80, 4, 11, 1, 15, 3, 4, False),  # two blocks of taps
+    "dw_long": ConvCase(2, 3, 2500, 3, 3, 1, 1, 1, 3, True),  # weight gradient in 3 splits
+}
+
+
+@contextlib.contextmanager
+def gemm_kernels_only():
+    """Every conv on the GEMM kernels inside the block, depthwise shapes included."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_conv, "_DEPTHWISE_MAX_MULTIPLIER", 0)
+        yield
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """The names of the kernels launched inside the block, in order."""
+    names, launch = [], loader.launch
+
+    def recording(source, kernel, grid, block, args):
+        names.append(kernel)
+        launch(source, kernel, grid, block, args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "launch", recording)
+        yield names
+
+
+def assert_same_values(got, want, what):
+    """Equal element for element (NaN where NaN); got and want are device arrays."""
+    np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want), err_msg=what)
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("case", DW_CASES)
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_depthwise_forward_train(case, dtypes, batch_stats, relu):
+    host, conv, d = check_forward_train(DW_CASES[case], dtypes, batch_stats, relu)
+    with gemm_kernels_only():
+        gemm = run_forward_train(host, conv, *DTYPES[dtypes], batch_stats, relu)
+    for k in ("z", "y", "mean", "invstd", "rm", "rv"):
+        assert_same_values(d[k], gemm[k], f"{k}: depthwise and GEMM kernels")
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("case", DW_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_depthwise_forward_infer(case, dtypes, relu):
+    y = check_forward_infer(DW_CASES[case], dtypes, relu)
+    with gemm_kernels_only():
+        gemm = check_forward_infer(DW_CASES[case], dtypes, relu)
+    assert_same_values(y, gemm, "out: depthwise and GEMM kernels")
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("case", DW_CASES)
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_depthwise_backward(case, dtypes, batch_stats, relu):
+    host, conv, d, dy, grads = check_backward(DW_CASES[case], dtypes, batch_stats, relu)
+    with gemm_kernels_only():
+        gemm = run_backward(host, conv, d, dy, batch_stats, relu)
+    assert grads.keys() == gemm.keys()
+    for k in grads.keys() - {"weight"}:
+        assert_same_values(grads[k], gemm[k], f"{k}_grad: depthwise and GEMM kernels")
+
+
+# Which kernels run: (case, depthwise?). One input channel per group and at most 8 outputs.
+SELECTION = {
+    "m1": (ConvCase(2, 4, 20, 4, 3, 1, 1, 1, 4, True), True),
+    "m2": (ConvCase(2, 4, 20, 8, 3, 2, 1, 1, 4, True), True),
+    "m8": (ConvCase(2, 2, 20, 16, 3, 1, 1, 1, 2, True), True),
+    "one_input_channel": (ConvCase(2, 1, 20, 4, 3, 1, 1, 1, 1, True), True),
+    "m9": (ConvCase(2, 2, 20, 18, 3, 1, 1, 1, 2, True), False),
+    "two_inputs_per_group": (ConvCase(2, 4, 20, 4, 3, 1, 1, 1, 2, True), False),
+    "dense": (ConvCase(2, 4, 20, 4, 3, 1, 1, 1, 1, True), False),
+}
+
+
+@pytest.mark.parametrize("dtypes", ["f32", "f16_p32"])
+@pytest.mark.parametrize("case", SELECTION)
+def test_depthwise_kernels_run_for_depthwise_shapes_only(case, dtypes):
+    """The conv kernels each call launches, per shape: the depthwise ones exactly where the
+    rule says, the GEMM ones elsewhere; the results meet the reference either way."""
+    conv_case, depthwise = SELECTION[case]
+    dsuf, msuf = dtypes[:3], dtypes
+    prefix = "conv1d_dw_" if depthwise else "conv1d_"
+    for run, kernel in [
+            (lambda: check_forward_train(conv_case, dtypes, True, True), f"fwd_train_{dsuf}"),
+            (lambda: check_forward_infer(conv_case, dtypes, True), f"fwd_infer_{msuf}")]:
+        with recorded_launches() as names:
+            run()
+        assert [k for k in names if k.startswith("conv1d_")] == [prefix + kernel]
+    with recorded_launches() as names:
+        check_backward(conv_case, dtypes, True, True)
+    assert [k for k in names if k.startswith("conv1d_")] == [
+        prefix + "fwd_train_" + dsuf, prefix + "bwd_data_" + dsuf, prefix + "bwd_weight_" + dsuf]
+
+
+@pytest.mark.parametrize("left_out", ["data", "weight", "bias", "gamma", "beta", "all"])
+def test_depthwise_gradients_left_out(left_out):
+    """Each optional gradient None in turn, and all of them: the others are the same as with
+    every gradient wanted, and a conv gradient not wanted is not computed."""
+    host, conv, dt, pt = make_inputs(DW_CASES["dw_m8_s3"], "f32")
+    d = run_forward_train(host, conv, dt, pt, True)
+    dy = cp.asarray(np.random.default_rng(2).standard_normal(d["z"].shape).astype(dt))
+    cout = host["w"].shape[0]
+    shapes = dict(data=host["x"].shape, weight=host["w"].shape, bias=(cout,), gamma=(cout,),
+                  beta=(cout,))
+    full = {k: cp.empty(v, dt) for k, v in shapes.items()}
+    part = {k: (None if left_out in (k, "all") else cp.empty(v, dt)) for k, v in shapes.items()}
+    launched = {}
+    for name, g in (("full", full), ("part", part)):
+        with recorded_launches() as launched[name]:
+            cuda.conv1d_bn_relu_backward(dy, d["x"], d["w"], d["z"], d["gamma"], d["beta"],
+                                         d["mean"], d["invstd"], g["data"], g["weight"],
+                                         g["bias"], g["gamma"], g["beta"], conv["stride"],
+                                         conv["pad"], conv["dilate"], conv["num_group"], True)
+    for k, got in part.items():
+        if got is not None:
+            assert_same_values(got, full[k], f"{k}_grad with {left_out} left out")
+    convs = {k for k in launched["part"] if k.startswith("conv1d_")}
+    assert ("conv1d_dw_bwd_data_f32" in convs) == (part["data"] is not None)
+    assert ("conv1d_dw_bwd_weight_f32" in convs) == (part["weight"] is not None)
+
+
+def test_depthwise_results_do_not_depend_on_the_schedule(cuda_target, monkeypatch):
+    """A training step (forward with batch statistics, backward with every gradient) in this
+    target's schedule and then in the other one (on a GPU: once more) gives the same numbers,
+    the weight gradient's block reductions and splits included."""
+    def step(case):
+        host, conv, dt, pt = make_inputs(DW_CASES[case], "f32")
+        d = run_forward_train(host, conv, dt, pt, True)
+        dy = np.random.default_rng(3).standard_normal(d["z"].shape).astype(dt)
+        grads = run_backward(host, conv, d, dy, True)
+        return [cp.asnumpy(a) for a in [d[k] for k in ("z", "y", "mean", "invstd", "rm", "rv")]
+                + list(grads.values())]
+
+    cases = ("dw_long", "dw_k11_d3", "dw_m8_s3")
+    first = [step(c) for c in cases]
+    if cuda_target[0] != "gpu":
+        monkeypatch.setattr(cp.config, "schedule",
+                            "reverse" if cp.config.schedule == "plain" else "plain")
+    for case, a, b in zip(cases, first, [step(c) for c in cases]):
+        for i, (x, y) in enumerate(zip(a, b)):
+            np.testing.assert_array_equal(x, y, err_msg=f"{case}: output {i}")
 
 
 def offset_buf(host, offset):
@@ -304,8 +488,9 @@ def test_launch_takes_numpy_scalars_and_refuses_python_numbers():
 # reference say (the cases of tests/test_numerics.py, which holds the CPU implementations to
 # the same): relu(NaN) = NaN, relu' = NaN at NaN, BatchNorm's own order of operations.
 
-# As tests/test_numerics.py's.
-NUMERICS_CASE = ConvCase(2, 3, 13, 4, 3, 1, 1, 1, 1, True)
+# As tests/test_numerics.py's; and its depthwise twin (multiplier 2), on the depthwise kernels.
+NUMERICS_CASES = {"dense": ConvCase(2, 3, 13, 4, 3, 1, 1, 1, 1, True),
+                  "depthwise": ConvCase(2, 3, 13, 6, 3, 1, 1, 1, 3, True)}
 
 
 def assert_same_numbers(got, want, dtype, what):
@@ -341,14 +526,15 @@ def test_add_relu_keeps_nan_and_inf(dtype, offset):
     assert np.isnan(cp.asnumpy(y)[[0, 2, 3]]).all() and np.isnan(got[[0, 5, 6, 9, 11]]).all()
 
 
+@pytest.mark.parametrize("case", NUMERICS_CASES)
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
-def test_nonfinite_gamma_in_inference_is_not_folded_away(value, dtypes):
+def test_nonfinite_gamma_in_inference_is_not_folded_away(value, dtypes, case):
     """gamma = +-inf or NaN in one channel: BatchNorm computes (z - mean) * gamma * invstd +
     beta, which is +inf, -inf (0 after the relu) or NaN element by element, where a folded
     shift once gave inf - inf = NaN or 0. Inference and the training path with running
     statistics both."""
-    host, conv, dt, pt = make_inputs(NUMERICS_CASE, dtypes, seed=1)
+    host, conv, dt, pt = make_inputs(NUMERICS_CASES[case], dtypes, seed=1)
     host["gamma"][1] = value
     z = reference.conv1d(f64(host["x"]), f64(host["w"]), f64(host["bias"]), **conv)
     assert np.abs(z[:, 1] - host["rm"][1]).min() > 1e-2  # no z at the mean: no 0 * inf
@@ -368,15 +554,16 @@ def test_nonfinite_gamma_in_inference_is_not_folded_away(value, dtypes):
     assert_same_numbers(d["y"], ref, dt, "training forward with running statistics")
 
 
+@pytest.mark.parametrize("case", NUMERICS_CASES)
 @pytest.mark.parametrize("dtypes", ["f32", "f16_p32"])
 @pytest.mark.parametrize("bad", ["nan_and_inf", "inf"])
 @pytest.mark.parametrize("batch_stats", [True, False])
-def test_nonfinite_data_reaches_outputs_and_gradients(bad, batch_stats, dtypes):
+def test_nonfinite_data_reaches_outputs_and_gradients(bad, batch_stats, dtypes, case):
     """NaN and +inf in the data, forward (training with batch statistics, or with running
     statistics as after an inference forward; and inference) and backward, against the
     reference. With running statistics an infinite z must leave the data gradient finite: the
     batch terms are left out, not multiplied by 0 (inf * 0 = NaN)."""
-    host, conv, dt, pt = make_inputs(NUMERICS_CASE, dtypes, seed=2)
+    host, conv, dt, pt = make_inputs(NUMERICS_CASES[case], dtypes, seed=2)
     if bad == "nan_and_inf":
         host["x"][0, 1, 5] = np.nan
     host["x"][1, 2, 7] = np.inf
@@ -418,6 +605,10 @@ LIMIT_CASES = {
     # output 2 wide: column 0 reads x[2] by its second tap (at -pad + dilation), column 1 by
     # its first; the other taps fall 2**31 - 1 away
     "dilation": ConvCase(2, 3, 7, 4, 2, 2**31 - 1, 2**31 - 3, 2**31 - 1, 1, True),
+    # the same on the depthwise kernels (multiplier 2)
+    "dw_stride": ConvCase(2, 3, 5, 6, 3, 2**31 - 1, 0, 1, 3, True),
+    "dw_stride_and_pad": ConvCase(2, 3, 5, 6, 3, 2**31 - 1, 2**31 - 1, 1, 3, True),
+    "dw_dilation": ConvCase(2, 3, 7, 6, 2, 2**31 - 1, 2**31 - 3, 2**31 - 1, 3, True),
 }
 
 
@@ -441,7 +632,7 @@ def test_hyper_parameters_at_the_limit(case):
     g_host, pos, inside = gathered(host, conv)
     assert inside.any()
     k = host["w"].shape[2]
-    g_conv = dict(stride=k, pad=0, dilate=1, num_group=1)
+    g_conv = dict(stride=k, pad=0, dilate=1, num_group=conv["num_group"])
     y_ref, cache, rm_ref, rv_ref = reference.conv1d_bn_relu_forward(
         f64(g_host["x"]), f64(host["w"]), f64(host["bias"]), f64(host["gamma"]),
         f64(host["beta"]), f64(host["rm"]), f64(host["rv"]), eps=EPS, momentum=MOMENTUM,
@@ -501,13 +692,39 @@ def test_beyond_the_kernels_limits_raise_named_errors():
             infer(x, w, **kw)
     with pytest.raises(ValueError,
                        match="num_group must be <= 65535 for the CUDA kernels, got 65536"):
-        infer(zeros(1, 65536, 1), zeros(65536, 1, 1), num_group=65536)
+        infer(zeros(1, 131072, 1), zeros(65536, 2, 1), num_group=65536)
     with pytest.raises(ValueError, match=r"weight's out_channels per group \(4194304\) must be "
                                          r"<= 4194240"):
         infer(zeros(1, 1, 1), zeros(2**22, 1, 1))
     with pytest.raises(ValueError, match=r"data's channels per group \(4194304\) must be "
                                          r"<= 4194240"):
         infer(zeros(1, 2**22, 1), zeros(1, 2**22, 1))
+    # The depthwise launches' backstop (no shape the checks above accept gets there).
+    assert cuda_conv._grid(2**31 - 1, 65535) == (2**31 - 1, 65535)
+    for grid, match in [((2**31,), r"grid \(2147483648,\) exceeds the CUDA limit of 2147483647 "
+                                   r"blocks on axis x"),
+                        ((1, 65536), r"grid \(1, 65536\) exceeds the CUDA limit of 65535 blocks "
+                                     r"on axis y")]:
+        with pytest.raises(ValueError, match=match):
+            cuda_conv._grid(*grid)
+
+
+def test_depthwise_convs_take_more_than_65535_groups():
+    """The depthwise kernels' grids are one-dimensional: no bound on num_group from the grid's
+    z axis, which limits the GEMM kernels (the test above)."""
+    c = 65536
+    rng = np.random.default_rng(6)
+    x, w, bias, beta, rm = (rng.standard_normal(s).astype(np.float32)
+                            for s in ((1, c, 1), (c, 1, 1), c, c, c))
+    gamma, rv = (rng.uniform(0.5, 1.5, c).astype(np.float32) for _ in range(2))
+    y = cp.empty((1, c, 1), np.float32)
+    with recorded_launches() as names:
+        cuda.conv1d_bn_relu_forward_infer(*(cp.asarray(a) for a in (x, w, bias, gamma, beta, rm,
+                                                                    rv)), y, 1, 0, 1, c, EPS)
+    assert names == ["conv1d_dw_fwd_infer_f32"]
+    z = f64(x)[0, :, 0] * f64(w)[:, 0, 0] + bias
+    ref = np.maximum((z - rm) * gamma / np.sqrt(f64(rv) + EPS) + beta, 0)
+    assert_close(y, ref[None, :, None], np.float32, "out")
 
 
 # Mutants of the kernel sources that the checks must catch: name: (file, original, mutant).
@@ -530,6 +747,25 @@ MUTATIONS = {
 }
 
 
+# Mutants of the depthwise kernels, which the depthwise checks must catch.
+DW_MUTATIONS = {
+    "depthwise forward reads input channel co % Cin, not co / mult": (
+        "conv1d_bn_relu.cu", "((size_t)n * s.Cin + co / mult) * s.L",
+        "((size_t)n * s.Cin + co % s.Cin) * s.L"),
+    "depthwise data gradient takes inexact divisions by the stride": (
+        "conv1d_bn_relu.cu", "if (l * stride == ut && l < (unsigned)s.Lout)",
+        "if (l < (unsigned)s.Lout)"),
+    "depthwise weight gradient leaves out the last tap of a block": (
+        "conv1d_bn_relu.cu", "ntaps = min(DW_TAPS, s.K - tap0)",
+        "ntaps = min(DW_TAPS - 1, s.K - tap0)"),
+    # z is right; only the statistics' order of summation changes, which the reference's
+    # tolerance cannot see and the comparison with the GEMM kernels does
+    "depthwise forward statistics in another lane layout": (
+        "conv1d_bn_relu.cu", "const int m = col0 + tx + 16 * j;\n    ok[j] = live",
+        "const int m = col0 + 4 * tx + j;\n    ok[j] = live"),
+}
+
+
 @pytest.fixture(scope="module")
 def mutant_source(tmp_path_factory):
     """mutant_source(name): a copy of the CUDA sources with that mutation. All are made at once
@@ -537,7 +773,7 @@ def mutant_source(tmp_path_factory):
     options fusedres.cuda compiles with: the emulation caches builds on disk by preprocessed
     source and options, so the checks' launches find them built."""
     made = {}
-    for mutation, (name, old, new) in MUTATIONS.items():
+    for mutation, (name, old, new) in {**MUTATIONS, **DW_MUTATIONS}.items():
         src = made[mutation] = tmp_path_factory.mktemp("cuda_src")
         for f in loader.SOURCE_DIR.iterdir():
             if f.suffix in (".cu", ".cuh"):
@@ -587,6 +823,21 @@ def test_mutant_fails_the_checks(mutation, cuda_target, mutant_source, monkeypat
             (f"forward_train {case}", lambda c=case: test_forward_train(c, "f32", True, True)),
             (f"forward_infer {case}", lambda c=case: test_forward_infer(c, "f32", True)),
             (f"backward {case}", lambda c=case: test_backward(c, "f32", True, True))]
+    failed = _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks)
+    assert failed, f"{mutation}: all {len(checks)} checks passed on the mutant"
+
+
+@pytest.mark.parametrize("mutation", DW_MUTATIONS)
+def test_depthwise_mutant_fails_the_checks(mutation, cuda_target, mutant_source, monkeypatch):
+    """A mutated depthwise kernel fails the float32 depthwise checks (the reference, and the
+    GEMM kernels' numbers), in each schedule."""
+    checks = []
+    for case in DW_CASES:
+        checks += [
+            (f"forward_train {case}",
+             lambda c=case: test_depthwise_forward_train(c, "f32", True, True)),
+            (f"forward_infer {case}", lambda c=case: test_depthwise_forward_infer(c, "f32", True)),
+            (f"backward {case}", lambda c=case: test_depthwise_backward(c, "f32", True, True))]
     failed = _run_mutant(mutation, cuda_target, mutant_source, monkeypatch, checks)
     assert failed, f"{mutation}: all {len(checks)} checks passed on the mutant"
 

@@ -110,7 +110,10 @@ def test_gpu_kernels_take_float32_and_float16_only(gpu):
 CASES = {"c7": ConvCase(2, 7, 97, 7, 3, 1, 1, 1, 1, True),
          "stride2": ConvCase(2, 6, 41, 10, 3, 2, 1, 1, 1, True),
          "groups2": ConvCase(2, 8, 29, 6, 5, 1, 2, 1, 2, True),
-         "no_bias_dilation2": ConvCase(2, 5, 37, 7, 3, 1, 2, 2, 1, False)}
+         "no_bias_dilation2": ConvCase(2, 5, 37, 7, 3, 1, 2, 2, 1, False),
+         # the depthwise kernels (one input channel per group, at most 8 outputs per group)
+         "depthwise": ConvCase(2, 5, 33, 5, 3, 1, 1, 1, 5, True),
+         "depthwise_mult2_stride2": ConvCase(2, 4, 29, 8, 3, 2, 1, 1, 4, True)}
 # name: (autograd's train_mode, use_global_stats): batch statistics; running statistics in
 # training; an inference-mode forward (the backward then recomputes with running statistics).
 MODES = {"batch_stats": (True, False), "global_stats": (True, True), "inference": (False, False)}
@@ -160,8 +163,9 @@ def test_conv1d_bn_relu_req_add_and_null(gpu):
     assert arrs["data"].grad is None
 
 
-def test_conv1d_bn_relu_float16_with_float32_batchnorm_arrays(gpu):
-    inp, conv = conv_inputs(CASES["c7"], np.float16)
+@pytest.mark.parametrize("case", ["c7", "depthwise_mult2_stride2"])
+def test_conv1d_bn_relu_float16_with_float32_batchnorm_arrays(gpu, case):
+    inp, conv = conv_inputs(CASES[case], np.float16)
     for k in ("gamma", "beta", "running_mean", "running_var"):
         inp[k] = inp[k].astype(np.float32)
     f64 = {k: v.astype(np.float64) for k, v in inp.items()}

@@ -2,6 +2,13 @@
 
 Data may be float32 or float16; the per-channel batchnorm arrays (gamma, beta, running and saved
 statistics) have the data's dtype or float32, as Gluon keeps them under ``cast('float16')``.
+
+Each conv (forward, data and weight gradients) is the implicit GEMM of the conv1d_* kernels, or,
+for a depthwise conv (one input channel per group and at most 8 output channels per group, the
+CPU engine's rule), a conv1d_dw_* kernel. Both write the same intermediate layouts (the column
+tiles' statistics, the weight gradient's split workspace), so the batchnorm kernels and
+sum_splits serve both; the depthwise path gives the GEMM's numbers bit for bit except for the
+weight gradient (another order of summation), and takes any num_group.
 """
 import numpy as np
 
@@ -11,12 +18,14 @@ from .checks import SUFFIX, check, check_opt, expect, require, same_dtype
 from .loader import THREADS, cdiv, ptr, sm_count
 
 # Entry points of csrc/cuda/conv1d_bn_relu.cu, as launched below (tests check the cubins have
-# them): by data dtype, or by (data, per-channel) dtypes.
+# them): by data dtype, or by (data, per-channel) dtypes. conv1d_dw_*: the depthwise convs.
 KERNELS = tuple(
     [f"{k}_{s}" for k in ("conv1d_fwd_train", "conv1d_bwd_data", "conv1d_bwd_weight",
+                          "conv1d_dw_fwd_train", "conv1d_dw_bwd_data", "conv1d_dw_bwd_weight",
                           "sum_splits", "bn_fwd_finalize", "bn_bwd_finalize")
      for s in ("f32", "f16")]
-    + [f"{k}_{s}" for k in ("conv1d_fwd_infer", "bn_relu_apply", "bn_bwd_reduce", "bn_bwd_dz")
+    + [f"{k}_{s}" for k in ("conv1d_fwd_infer", "conv1d_dw_fwd_infer", "bn_relu_apply",
+                            "bn_bwd_reduce", "bn_bwd_dz")
        for s in ("f32", "f16", "f16_p32")])
 
 _SOURCE = "conv1d_bn_relu"
@@ -25,8 +34,13 @@ _BK = 16             # depth of one shared-memory slice
 # The conv kernels index with int32 and let a tile's threads compute indices past a tensor's
 # end, so each conv tensor stays 2^16 elements below INT32_MAX (csrc/cuda/conv1d_bn_relu.cu).
 _CONV_MAX_ELEMENTS = 2**31 - 2**16
+_GRID_X_MAX = 2**31 - 1
 _GRID_YZ_MAX = 65535
 _MAX_ROWS = _GRID_YZ_MAX * _TILE  # channels per group: their tiles go on the grid's y axis
+# Depthwise convs (one input channel per group, at most this many output channels per group:
+# the CPU engine's rule, csrc/cpu/engine/depthwise.h) run the conv1d_dw_* kernels.
+_DEPTHWISE_MAX_MULTIPLIER = 8
+_DW_TAPS = 8  # weight-gradient taps per block of conv1d_dw_bwd_weight (DW_TAPS)
 
 
 def _conv_check(a, name):
@@ -38,17 +52,20 @@ def _conv_check_opt(a, name):
 
 
 class _ConvShape:
-    """The checks of fusedres.attrs.ConvAttrs.for_kernel, then the CUDA kernels' own limits."""
+    """The checks of fusedres.attrs.ConvAttrs.for_kernel, then the CUDA kernels' own limits;
+    ``depthwise``: whether the conv1d_dw_* kernels run it."""
 
     def __init__(self, x, w, stride, pad, dilate, num_group, eps=1e-5, momentum=0.9):
         a = ConvAttrs.for_kernel(x.shape, w.shape, stride, pad, dilate, num_group, eps, momentum)
         self.N, self.Cin, self.L = x.shape
         self.Cout, self.K = a.num_filter, a.kernel
         self.stride, self.pad, self.dilate, self.num_group = a.stride, a.pad, a.dilate, a.num_group
-        require(a.num_group <= _GRID_YZ_MAX,
-                f"num_group must be <= {_GRID_YZ_MAX} for the CUDA kernels, got {a.num_group}")
         self.Lout = a.out_width(self.L)
         self.cin_g, self.cout_g = self.Cin // a.num_group, self.Cout // a.num_group
+        self.depthwise = self.cin_g == 1 and self.cout_g <= _DEPTHWISE_MAX_MULTIPLIER
+        # The GEMM kernels put the groups on the grid's z axis; the depthwise ones do not.
+        require(self.depthwise or a.num_group <= _GRID_YZ_MAX,
+                f"num_group must be <= {_GRID_YZ_MAX} for the CUDA kernels, got {a.num_group}")
         require(self.cout_g <= _MAX_ROWS, f"weight's out_channels per group ({self.cout_g}) "
                                           f"must be <= {_MAX_ROWS} for the CUDA kernels")
         require(self.cin_g <= _MAX_ROWS, f"data's channels per group ({self.cin_g}) must be "
@@ -68,6 +85,16 @@ class _ConvShape:
     def args(self):
         return tuple(np.int32(v) for v in (self.N, self.Cin, self.L, self.Cout, self.K, self.Lout,
                                            self.stride, self.pad, self.dilate, self.num_group))
+
+
+def _grid(*dims):
+    """A launch grid, checked against CUDA's limits (x < 2^31, y and z <= 65535). The depthwise
+    grids stay below them for every shape _ConvShape accepts; this is the backstop."""
+    limits = (_GRID_X_MAX, _GRID_YZ_MAX, _GRID_YZ_MAX)
+    for axis, (d, most) in enumerate(zip(dims, limits)):
+        require(d <= most, f"grid {dims} exceeds the CUDA limit of {most} blocks on axis "
+                           f"{'xyz'[axis]}")
+    return dims
 
 
 def _param_dtype(data, gamma):
@@ -124,8 +151,11 @@ def conv1d_bn_relu_forward_train(data, weight, bias, gamma, beta, running_mean, 
         pm2 = cp.empty((ntiles, s.Cout), np.float32)
     else:
         psum = pm2 = None
-    loader.launch(_SOURCE, f"conv1d_fwd_train_{dsuf}",
-                  (ntiles, cdiv(s.cout_g, _TILE), s.num_group), (THREADS,),
+    if s.depthwise:  # a half warp (16 threads) per (channel, column tile)
+        name, grid = "conv1d_dw_fwd_train", _grid(cdiv(s.Cout * ntiles, THREADS // 16))
+    else:
+        name, grid = "conv1d_fwd_train", (ntiles, cdiv(s.cout_g, _TILE), s.num_group)
+    loader.launch(_SOURCE, f"{name}_{dsuf}", grid, (THREADS,),
                   s.args() + (x, w, ptr(bias), z, ptr(psum), ptr(pm2),
                               np.int32(bool(batch_stats))))
     loader.launch(_SOURCE, f"bn_fwd_finalize_{psuf}", (s.Cout,), (THREADS,),
@@ -156,8 +186,11 @@ def conv1d_bn_relu_forward_infer(data, weight, bias, gamma, beta, running_mean, 
     for a, n in [(bias, "bias")] + chans:
         expect(a, n, (s.Cout,))
     expect(out, "output", s.out)
-    loader.launch(_SOURCE, f"conv1d_fwd_infer_{_mixed(x.dtype, pdt)}",
-                  (cdiv(s.M, _TILE), cdiv(s.cout_g, _TILE), s.num_group), (THREADS,),
+    if s.depthwise:  # a thread per output
+        name, grid = "conv1d_dw_fwd_infer", _grid(cdiv(s.N * s.Cout * s.Lout, THREADS))
+    else:
+        name, grid = "conv1d_fwd_infer", (cdiv(s.M, _TILE), cdiv(s.cout_g, _TILE), s.num_group)
+    loader.launch(_SOURCE, f"{name}_{_mixed(x.dtype, pdt)}", grid, (THREADS,),
                   s.args() + (x, w, ptr(bias), gamma, beta, running_mean, running_var,
                               np.float32(eps), np.int32(bool(relu)), out))
 
@@ -215,10 +248,22 @@ def conv1d_bn_relu_backward(out_grad, data, weight, z, gamma, beta, mean, invstd
     if dbias is not None:
         _sum_splits(dsuf, ws_dz, nsplit, C, dbias)
     if dx is not None:
-        loader.launch(_SOURCE, f"conv1d_bwd_data_{dsuf}",
-                      (cdiv(s.N * s.L, _TILE), cdiv(s.cin_g, _TILE), s.num_group), (THREADS,),
-                      s.args() + (dz, w, dx))
-    if dw is not None:
+        if s.depthwise:  # a thread per input element
+            name, grid = "conv1d_dw_bwd_data", _grid(cdiv(x.size, THREADS))
+        else:
+            name, grid = "conv1d_bwd_data", (cdiv(s.N * s.L, _TILE), cdiv(s.cin_g, _TILE),
+                                             s.num_group)
+        loader.launch(_SOURCE, f"{name}_{dsuf}", grid, (THREADS,), s.args() + (dz, w, dx))
+    if dw is not None and s.depthwise:
+        # A block per (channel, DW_TAPS taps, split of the batch's columns), as many splits as
+        # fill the device (the per-channel reductions' rule); ws[split][co * K + tap].
+        blocks = s.Cout * cdiv(s.K, _DW_TAPS)
+        splits, chunk = _channel_splits(M, blocks)
+        ws = cp.empty((splits, s.Cout * s.K), np.float32)
+        loader.launch(_SOURCE, f"conv1d_dw_bwd_weight_{dsuf}", _grid(blocks, splits), (THREADS,),
+                      s.args() + (x, dz, np.int32(chunk), ws))
+        _sum_splits(dsuf, ws, splits, s.Cout * s.K, dw)
+    elif dw is not None:
         kw = s.cin_g * s.K
         tiles = cdiv(kw, _TILE) * cdiv(s.cout_g, _TILE) * s.num_group
         # Split the long reduction over the batch so that small weights still fill the device.
