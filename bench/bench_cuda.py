@@ -30,8 +30,9 @@ except ImportError:  # no MXNet (a GPU machine with CuPy only): fusedres.cuda do
     from fusedres import cuda
 from fusedres.cuda import loader  # noqa: E402
 
-# (N, C, W, kernel): the shared table of shapes; padding keeps W.
-SHAPES = [(32, 64, 1024, 3), (64, 256, 4096, 3), (16, 512, 8192, 5)]
+# (N, C, W, kernel, groups): the shared table of shapes; padding keeps W; groups = C: depthwise.
+SHAPES = [(32, 64, 1024, 3, 1), (64, 256, 4096, 3, 1), (16, 512, 8192, 5, 1),
+          (32, 256, 4096, 3, 256), (32, 256, 4096, 33, 256)]
 DTYPES = [np.float32, np.float16]
 EPS, MOMENTUM = 1e-5, 0.9
 
@@ -63,11 +64,12 @@ def time_ms(fn, reps, warmup=5):
 
 def bench_conv(shape, dtype, reps, torch):
     import cupy as cp
-    n, c, width, k = shape
+    n, c, width, k, groups = shape
     pad = k // 2
     rng = cp.random.default_rng(0)
     x = rng.standard_normal((n, c, width), dtype=np.float32).astype(dtype)
-    w = (rng.standard_normal((c, c, k), dtype=np.float32) / np.sqrt(c * k)).astype(dtype)
+    cin_g = c // groups
+    w = (rng.standard_normal((c, cin_g, k), dtype=np.float32) / np.sqrt(cin_g * k)).astype(dtype)
     bias = cp.zeros(c, dtype)
     gamma, beta = cp.ones(c, np.float32), cp.zeros(c, np.float32)  # float32, as Gluon keeps them
     rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
@@ -78,19 +80,20 @@ def bench_conv(shape, dtype, reps, torch):
 
     def train():
         cuda.conv1d_bn_relu_forward_train(x, w, bias, gamma, beta, rm, rv, z, mean, invstd, y,
-                                          1, pad, 1, 1, EPS, MOMENTUM, True, True)
+                                          1, pad, 1, groups, EPS, MOMENTUM, True, True)
         cuda.conv1d_bn_relu_backward(dy, x, w, z, gamma, beta, mean, invstd, dx, dw, db, dg,
-                                     dbeta, 1, pad, 1, 1, True)
+                                     dbeta, 1, pad, 1, groups, True)
 
     def infer():
-        cuda.conv1d_bn_relu_forward_infer(x, w, bias, gamma, beta, rm, rv, y, 1, pad, 1, 1, EPS)
+        cuda.conv1d_bn_relu_forward_infer(x, w, bias, gamma, beta, rm, rv, y, 1, pad, 1, groups,
+                                          EPS)
 
-    flop = 2.0 * n * c * width * c * k  # one conv
+    flop = 2.0 * n * c * width * cin_g * k  # one conv
     rows = [("conv1d_bn_relu train step", "fusedres", time_ms(train, reps), 3 * flop, None),
             ("conv1d_bn_relu inference", "fusedres", time_ms(infer, reps), flop, None)]
     if torch is not None:
         tx = torch.from_dlpack(x).requires_grad_(True)
-        conv = torch.nn.Conv1d(c, c, k, padding=pad).cuda().to(tx.dtype)
+        conv = torch.nn.Conv1d(c, c, k, padding=pad, groups=groups).cuda().to(tx.dtype)
         bn = torch.nn.BatchNorm1d(c, eps=EPS, momentum=1 - MOMENTUM).cuda()  # float32 params
         with torch.no_grad():
             conv.weight.copy_(torch.from_dlpack(w))
@@ -117,7 +120,7 @@ def bench_conv(shape, dtype, reps, torch):
 
 def bench_add_relu(shape, dtype, reps, torch):
     import cupy as cp
-    n, c, width, _ = shape
+    n, c, width = shape[:3]
     rng = cp.random.default_rng(0)
     a, b, dy = (rng.standard_normal((n, c, width), dtype=np.float32).astype(dtype)
                 for _ in range(3))
@@ -181,7 +184,8 @@ def main(argv=None):
                                                  + bench_add_relu(shape, dtype, args.reps, torch)):
                 gflops = f"{flop / ms / 1e6:.0f}" if flop else ""
                 gbs = f"{nbytes / ms / 1e6:.0f}" if nbytes else ""
-                line = (f"| {shape[:3]} k{shape[3]} | {np.dtype(dtype).name} | {what} | {impl} "
+                g = f" g{shape[4]}" if shape[4] > 1 else ""
+                line = (f"| {shape[:3]} k{shape[3]}{g} | {np.dtype(dtype).name} | {what} | {impl} "
                         f"| {ms:.3f} | {gflops} | {gbs} |")
                 print(line)
                 lines.append(line)

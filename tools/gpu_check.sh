@@ -4,7 +4,7 @@
 #      cubin for the device when fusedres/cubins has one (tools/build_cubins.py; a gitignored
 #      build product, bring it along), and compiled from csrc/cuda by CuPy's NVRTC;
 #   2. compute-sanitizer memcheck, racecheck, initcheck and synccheck on
-#      tools/gpu_check_cases.py (a small case of each of the 28 kernels), where the tool exists;
+#      tools/gpu_check_cases.py (a small case of each of the 37 kernels), where the tool exists;
 #   3. bench/bench_cuda.py;
 # and writes bench/results_cuda.md: device, driver, date, the benchmark table, each check's
 # outcome. Needs a GPU, CuPy, numpy and pytest in GPU_PYTHON (default python3); PyTorch is the

@@ -5,7 +5,7 @@
 
 Runs fusedres.cuda's functions on tiny odd-sized inputs, in every dtype combination, with CuPy's
 memory pool off (each array its own cudaMalloc, so that memcheck knows its exact bounds), and
-exits nonzero unless all 28 kernels ran and every output is finite. Needs CuPy and a GPU, not
+exits nonzero unless all 37 kernels ran and every output is finite. Needs CuPy and a GPU, not
 MXNet.
 """
 import sys
@@ -31,8 +31,9 @@ EPS, MOMENTUM = 1e-5, 0.9
 DTYPES = [(np.float32, np.float32), (np.float16, np.float16), (np.float16, np.float32)]
 
 
-def conv_case(dt, pt):
-    n, cin, cout, width, k, groups = 2, 8, 6, 37, 3, 2
+def conv_case(dt, pt, cin=8, cout=6, groups=2):
+    """A grouped conv (the GEMM kernels) by default; cin == groups: a depthwise one."""
+    n, width, k = 2, 37, 3
     rng = np.random.default_rng(0)
 
     def dev(shape, dtype, scale=1.0):
@@ -87,6 +88,7 @@ def main(argv):
     outs = []
     for dt, pt in DTYPES:
         outs += conv_case(dt, pt)
+        outs += conv_case(dt, pt, cin=4, cout=8, groups=4)  # depthwise, multiplier 2
     for dt in (np.float32, np.float16):
         outs += add_relu_case(dt)
     cp.cuda.Device().synchronize()

@@ -22,7 +22,8 @@ as (z - mean) * gamma * invstd + beta, inference included: nothing is folded).
 
 Limits: every hyper-parameter, dimension and tensor size the ops accept (up to 2**31 - 1,
 fusedres.attrs.MAX_EXTENT), except that the conv kernels take tensors of at most
-2**31 - 2**16 elements, num_group at most 65535 and 65535 * 64 channels per group: beyond, a
+2**31 - 2**16 elements, num_group at most 65535 (depthwise convolutions: any) and 65535 * 64
+channels per group: beyond, a
 ValueError names the argument.
 
 Streams: every kernel is launched on CuPy's current stream and nothing here synchronizes.
