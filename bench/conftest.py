@@ -1,95 +1,139 @@
-"""Collects the interleaved medians of every benchmark and writes bench/results_cpu.md and
-bench/results_cpu.png at the end of the session."""
-import datetime
-import os
-import platform
-import time
-from pathlib import Path
+"""Collects the interleaved medians of every benchmark and writes results_cpu.md and
+results_cpu.png at the end of the session (in bench/; see benchenv.py for quick runs)."""
+import shlex
+import sys
 
+import benchenv  # first: sets OMP_NUM_THREADS before anything imports MXNet
 import numpy as np
 import pytest
+from benchenv import QUICK, best_peaks, fma_peaks, machine_header, sgemm_peak_gflops
 
-HERE = Path(__file__).resolve().parent
+OUT = benchenv.out_dir()
 
-
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+# Column order of the contenders in every table.
+CONTENDERS = ["fused", "fused CustomOp", "stock 4-D", "stock expand_dims", "stock Conv1D",
+              "stock", "torch", "torch folded"]
 
 
-def sgemm_peak_gflops():
-    """numpy's sgemm at 2048^3, the compute ceiling the GFLOP/s are compared with."""
-    a = np.random.rand(2048, 2048).astype(np.float32)
-    b = np.random.rand(2048, 2048).astype(np.float32)
-    a @ b
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / np.median(times) / 1e9
+def _ms(m, k):
+    return f"{m[k] * 1e3:.3f}" if k in m else "—"
+
+
+def _best(m, prefix):
+    """(name, seconds) of the fastest contender whose name starts with prefix, or None."""
+    found = {k: v for k, v in m.items() if k.startswith(prefix)}
+    if not found:
+        return None
+    k = min(found, key=found.get)
+    return k, found[k]
+
+
+def _percent(fraction):
+    p = 100 * fraction
+    return f"{p:.0f}%" if p >= 10 else f"{p:.2g}%"
 
 
 class Results:
+    """Rows by section; each section becomes one table, its columns the contenders it has."""
+
+    SECTIONS = {
+        "layers": "Conv1D -> BatchNorm -> relu layers (the shared table, "
+                  "fusedres.benchmarks.SHAPES)",
+        "models": "Whole model: a 1-D ResNet-18 (fusedres.benchmarks.MODEL)",
+        "configurations": "Training-step configurations (tiny shape: the per-call cost)",
+        "add_relu": "add+relu",
+    }
+
     def __init__(self):
-        self.rows = []
-        self.peak = None
+        self.rows = {k: [] for k in self.SECTIONS}
+        self.inside = {}  # title: (lines before the table, table head, rows)
+        self.peak_runs, self.own_isa, self.sgemm = [], None, None
 
-    def add(self, group, mode, medians, work, unit):
-        self.rows.append(dict(group=group, mode=mode, medians=medians, work=work, unit=unit))
+    @property
+    def peak(self):
+        return best_peaks(self.peak_runs)[self.own_isa]
 
-    def write(self):
-        if not self.rows:
-            return
-        import mxnet as mx
-        from peers import torch
-        peak = self.peak
-        lines = [
-            "# fusedres CPU benchmarks",
-            "",
-            f"Measured {datetime.date.today()} on {_cpu_model()}, {os.cpu_count()} cores "
-            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
-            f"MXNet {mx.__version__}, PyTorch {torch.__version__ if torch else 'not installed'}, "
-            f"float32. `make bench` wrote this file.",
-            "",
-            "Each row times all contenders **interleaved** (round-robin, the same inputs), "
-            "median of the rounds after warm-up. Training step = forward + backward. "
-            "Stock MXNet: Conv2D(1,k) workaround for training (stock Conv1D+BatchNorm crashes "
-            "in backward at these channel counts), hybridized Conv1D+BatchNorm+relu for "
-            f"inference. numpy sgemm peak measured in the same run: {peak:.0f} GFLOP/s.",
-            "",
-            "| shape | mode | fused ms | fused CustomOp ms | stock MXNet ms | torch ms | "
-            "torch folded ms | fused rate | % of sgemm peak | fused/stock | fused/torch | "
-            "fused/torch folded |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in self.rows:
+    def add(self, group, mode, medians, work, unit, section="layers"):
+        self.rows[section].append(dict(group=group, mode=mode, medians=medians, work=work,
+                                       unit=unit))
+
+    def add_inside(self, title, intro, head, row):
+        """A row of a table in the 'Inside a network' section; head: the column names."""
+        entry = self.inside.setdefault(title, (intro, head, []))
+        entry[2].append("| " + " | ".join(row) + " |")
+
+    def _table(self, rows):
+        present = [k for k in CONTENDERS if any(k in r["medians"] for r in rows)]
+        stock = any(k.startswith("stock") for k in present)
+        peers = (["stock"] if stock else []) + [k for k in ("torch", "torch folded")
+                                                 if k in present]
+        flop = rows[0]["unit"] == "GFLOP/s"
+        head = (["shape", "mode"] + [f"{k} ms" for k in present] +
+                [f"fused/{p}" for p in peers] + ["fused rate"] +
+                (["% of FMA peak: fused / stock / torch"] if flop else []))
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
             m = r["medians"]
             f = m["fused"]
-
-            def ms(k, m=m):
-                return f"{m[k] * 1e3:.3f}" if k in m else "—"
-
-            def ratio(k, m=m, f=f):
-                return f"{f / m[k]:.2f}" if k in m else "—"
+            cells = [r["group"], r["mode"]] + [_ms(m, k) for k in present]
+            for p in peers:
+                if p == "stock":
+                    name, t = _best(m, "stock")
+                    which = f" ({name[len('stock '):]})" if name != "stock" else ""
+                    cells.append(f"{f / t:.2f}{which}")
+                else:
+                    cells.append(f"{f / m[p]:.2f}" if p in m else "—")
             rate = r["work"] / f / 1e9
-            pct = f"{100 * rate / peak:.0f}%" if r["unit"] == "GFLOP/s" else "—"
-            lines.append(
-                f"| {r['group']} | {r['mode']} | {ms('fused')} | {ms('fused CustomOp')} | "
-                f"{ms('stock')} | {ms('torch')} | "
-                f"{ms('torch folded')} | {rate:.1f} {r['unit']} | {pct} | {ratio('stock')} | "
-                f"{ratio('torch')} | {ratio('torch folded')} |")
-        lines += ["", "Ratios are fused time / peer time: below 1 means fused is faster. "
-                  "In the training steps the input needs a gradient too, as inside a network, "
-                  "for every contender. fused is what the blocks run on the CPU (the MXNet "
-                  "operators); fused CustomOp is the CustomOp path (GPUs, use_native=False), "
-                  "timed in the configuration rows.", ""]
-        (HERE / "results_cpu.md").write_text("\n".join(lines))
+            cells.append(f"{rate:.1f} {r['unit']}")
+            if flop:
+                pct = [_percent(r["work"] / 1e9 / b[1] / self.peak) if b else "—"
+                       for b in (("fused", f), _best(m, "stock"), _best(m, "torch"))]
+                cells.append(" / ".join(pct))
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    def write(self):
+        if not any(self.rows.values()):
+            return
+        lines = ["# fusedres CPU benchmarks", ""]
+        self.peak_runs.append(fma_peaks()[1])  # the end of the run
+        lines += machine_header(self.peak_runs, self.own_isa, self.sgemm)
+        lines += [
+            "",
+            f"Command: `{shlex.join(['pytest'] + sys.argv[1:])}` (`make bench`)"
+            f"{'; QUICK smoke run (3 rounds a row): not results' if QUICK else ''}.",
+            "",
+            "Each row times all contenders **interleaved** (round-robin, the order rotating, the "
+            "same input values), median of the rounds after warm-up. Ratios are fused time / "
+            "peer time: below 1 means fused is faster. Stock MXNet is timed in every form that "
+            "works and fused/stock uses the fastest one measured (named in brackets): "
+            "`stock 4-D` is Conv2D(1,k)+BatchNorm+relu on data kept (N, C, 1, W) through the "
+            "network (created 4-D, no reshape per layer), `stock expand_dims` the per-layer "
+            "expand_dims -> Conv2D(1,k) -> BatchNorm -> relu -> squeeze workaround (training), "
+            "`stock Conv1D` hybridized Conv1D+BatchNorm+relu (inference; its backward crashes "
+            "with MKLDNN at these channel counts, docs/mxnet-facts.md). PyTorch: eager, "
+            "`torch folded` with each BatchNorm folded into its conv (inference).",
+            "",
+            "Training step = forward + backward; a layer's input needs a gradient too (as inside "
+            "a network), so a training row counts three convolutions of work (forward, data "
+            "gradient, weight gradient); the model's input needs none (its stem counts two). "
+            f"`% of FMA peak` is each contender's rate against the kernels' FMA peak "
+            f"({self.own_isa}, {self.peak:.0f} GFLOP/s) measured in this run: fused / the "
+            "fastest stock / the faster of torch and torch folded.",
+        ]
+        for key, title in self.SECTIONS.items():
+            if self.rows[key]:
+                lines += ["", f"## {title}", ""] + self._table(self.rows[key])
+        if self.inside:
+            lines += ["", "## Inside a network"]
+            for title, (intro, head, rows) in self.inside.items():
+                lines += ["", f"### {title}", "", intro, "", "| " + " | ".join(head) + " |",
+                          "|" + "---|" * len(head)] + rows
+        lines += ["", "fused is what the blocks run on the CPU (the MXNet operators); "
+                  "fused CustomOp is the CustomOp path (GPUs, use_native=False), timed in the "
+                  "configuration rows.", ""]
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "results_cpu.md").write_text("\n".join(lines))
         self._chart()
 
     def _chart(self):
@@ -99,13 +143,18 @@ class Results:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        labels = [f"{r['group'].split(' (')[0]}\n{r['mode']}" for r in self.rows]
-        fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
+        rows = self.rows["layers"] + self.rows["models"]
+        if not rows:
+            return
+        labels = [f"{r['group'].split(' (')[0]}\n{r['mode']}" for r in rows]
+        fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.7), 4.5))
         x = np.arange(len(labels))
         for i, peer in enumerate(["stock", "torch"]):
-            vals = [r["medians"][peer] / r["medians"]["fused"] if peer in r["medians"] else 0
-                    for r in self.rows]
-            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"speed-up over {peer}")
+            vals = []
+            for r in rows:
+                b = _best(r["medians"], peer)
+                vals.append(b[1] / r["medians"]["fused"] if b else 0)
+            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"speed-up over the fastest {peer}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
@@ -113,7 +162,7 @@ class Results:
         ax.set_title("fusedres on the CPU (higher is better)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(HERE / "results_cpu.png", dpi=110)
+        fig.savefig(OUT / "results_cpu.png", dpi=110)
 
 
 _RESULTS = Results()
@@ -121,8 +170,10 @@ _RESULTS = Results()
 
 @pytest.fixture(scope="session")
 def results():
-    if _RESULTS.peak is None:
-        _RESULTS.peak = sgemm_peak_gflops()
+    if not _RESULTS.peak_runs:
+        _RESULTS.own_isa, start = fma_peaks()
+        _RESULTS.peak_runs.append(start)
+        _RESULTS.sgemm = sgemm_peak_gflops()
     return _RESULTS
 
 
