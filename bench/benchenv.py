@@ -85,10 +85,9 @@ def best_peaks(runs):
 
 def machine_header(peak_runs, own, sgemm):
     """The lines every results file starts with: machine, versions, threads, peaks (peak_runs:
-    the fma_peaks() of the run's start and end). Call it after the contenders are made:
-    peers.py sets PyTorch's threads."""
+    the fma_peaks() of the run's start and end)."""
     import mxnet as mx
-    from peers import torch
+    import peers
 
     from fusedres import _C
     peaks = best_peaks(peak_runs)
@@ -96,13 +95,15 @@ def machine_header(peak_runs, own, sgemm):
                           for isa, g in peaks.items())
     runs = " / ".join(f"{r[own]:.0f}" for r in peak_runs)
     forced = os.environ.get("FUSEDRES_CPU_ISA")
+    torch = peers.version()
+    pytorch = ("%s (%d threads, in a process of its own: bench/peers.py)" % torch if torch
+               else "not installed")
     low = min(r[own] for r in peak_runs) < 0.9 * peaks[own]
     return [
         f"Measured {datetime.date.today()} on {cpu_model()}, {os.cpu_count()} processors, "
         f"{describe_threads()}; fused kernels on {_C.kernel_threads()} threads"
         f"{f' (FUSEDRES_CPU_ISA={forced})' if forced else ''}; MXNet {mx.__version__}, "
-        f"PyTorch {torch.__version__ if torch else 'not installed'} "
-        f"({torch.get_num_threads() if torch else 0} threads), Python "
+        f"PyTorch {pytorch}, Python "
         f"{platform.python_version()}, float32.",
         "",
         f"Float32 FMA peak measured in this run (fusedres._C.fma_peak_gflops on the kernels' "

@@ -40,6 +40,9 @@ class Results:
         "layers": "Conv1D -> BatchNorm -> relu layers (the shared table, "
                   "fusedres.benchmarks.SHAPES)",
         "models": "Whole model: a 1-D ResNet-18 (fusedres.benchmarks.MODEL)",
+        "model_layers": "The model's conv layers (+ BatchNorm + relu), each alone (xN: N of "
+                        "the model's convs have that shape; the stem's input needs no gradient "
+                        "inside the model, here it does)",
         "configurations": "Training-step configurations (tiny shape: the per-call cost)",
         "add_relu": "add+relu",
     }
@@ -95,6 +98,7 @@ class Results:
     def write(self):
         if not any(self.rows.values()):
             return
+        from fusedres import benchmarks
         lines = ["# fusedres CPU benchmarks", ""]
         self.peak_runs.append(fma_peaks()[1])  # the end of the run
         lines += machine_header(self.peak_runs, self.own_isa, self.sgemm)
@@ -103,8 +107,14 @@ class Results:
             f"Command: `{shlex.join(['pytest'] + sys.argv[1:])}` (`make bench`)"
             f"{'; QUICK smoke run (3 rounds a row): not results' if QUICK else ''}.",
             "",
-            "Each row times all contenders **interleaved** (round-robin, the order rotating, the "
-            "same input values), median of the rounds after warm-up. Ratios are fused time / "
+            "Each row times all contenders **interleaved** on the same input values: rounds in "
+            "which every contender runs, the order rotating; in each round a contender first "
+            f"runs untimed for {benchmarks.SETTLE_S * 1e3:g} ms (at least once: whatever the "
+            "previous one left behind, such as threads still spinning, is spent there), then "
+            f"timed for {benchmarks.BLOCK_S * 1e3:g} ms (at least once); "
+            "medians of the timed calls (fusedres.benchmarks.interleaved_times). PyTorch runs in "
+            "a process of its own (in the same process it slows MXNet's operators down by up to "
+            "100x: bench/peers.py). Ratios are fused time / "
             "peer time: below 1 means fused is faster. Stock MXNet is timed in every form that "
             "works and fused/stock uses the fastest one measured (named in brackets): "
             "`stock 4-D` is Conv2D(1,k)+BatchNorm+relu on data kept (N, C, 1, W) through the "

@@ -19,10 +19,9 @@ from fusedres.nn import AddReLU, ConvBNReLU1D
 
 
 def _interleaved(benchmark, contenders, n_rounds):
-    """pytest-benchmark times whole rounds; each round runs every contender once, and the
-    per-contender medians (what the results file reports) come from the same rounds. The
-    order rotates from round to round: a library whose threads keep spinning after its call
-    (PyTorch's do) slows whoever runs next, and rotation spreads that over all contenders."""
+    """pytest-benchmark times whole rounds; the per-contender medians (what the results file
+    reports) come from the same rounds, as benchmarks.interleaved_times times them: the order
+    rotating from round to round, each contender settling (untimed) before its timed calls."""
     times = {k: [] for k in contenders}
     names = list(contenders)
     rnd = [0]
@@ -31,9 +30,7 @@ def _interleaved(benchmark, contenders, n_rounds):
         r = rnd[0] % len(names)
         rnd[0] += 1
         for k in names[r:] + names[:r]:
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k] += benchmarks.timed_block(contenders[k])
     for _ in range(3):
         one_round()
     for v in times.values():
@@ -56,7 +53,7 @@ def test_conv1d_bn_relu(benchmark, results, shape, mode):
     contenders = benchmarks.conv_contenders(shape, mode, x=x, dy=dy)
     contenders.update(peers.conv_contenders(shape, mode, x.asnumpy(), dy.asnumpy()))
     flop = shape.conv_gflop * 1e9 * (3 if mode == "train" else 1)
-    med = _interleaved(benchmark, contenders, int(np.clip(20.0 / flop * 1e9, 15, 100)))
+    med = _interleaved(benchmark, contenders, int(np.clip(20.0 / flop * 1e9, 15, 50)))
     results.add(shape.label, MODES[mode], med, flop, "GFLOP/s")
 
 
@@ -67,7 +64,7 @@ def test_tiny_training_step_configurations(benchmark, results, configuration):
     shape = benchmarks.shape_named("tiny")
     benchmark.group = f"conv1d_bn_relu tiny {configuration}"
     med = _interleaved(benchmark, benchmarks.configuration_contenders(shape, configuration),
-                       200)
+                       30)
     results.add(shape.label, f"training step, {configuration}", med, shape.conv_gflop * 3e9,
                 "GFLOP/s", section="configurations")
 
@@ -96,7 +93,7 @@ def test_add_relu(benchmark, results, backward):
         return go
     contenders = {"fused": run(fused), "stock": run(lambda x, y: mx.nd.relu(x + y))}
     contenders.update(peers.add_relu_contenders(a_np, b_np, backward))
-    med = _interleaved(benchmark, contenders, 60)
+    med = _interleaved(benchmark, contenders, 30)
     n = a_np.size * 4
     traffic = 3 * n + (4 * n if backward else 0)  # read a, b, write y (+ read dy, y; write 2)
     results.add(f"add_relu {shape}", "forward+backward" if backward else "forward", med,
@@ -118,6 +115,40 @@ def test_resnet1d(benchmark, results, mode):
     flop = (m.train_gflop if mode == "train" else m.conv_gflop) * 1e9
     med = _interleaved(benchmark, contenders, 15)
     results.add(m.label, MODES[mode], med, flop, "GFLOP/s", section="models")
+
+
+def _model_layers(m):
+    """[(BenchShape, how many of the model's convs it is)] of the model's distinct convs."""
+    counts = {}
+    for layer, width in m.conv_layers():
+        s = benchmarks.BenchShape(
+            f"{m.name} conv", m.n, layer.cin, width, layer.kernel, layer.stride, layer.pad,
+            layer.dilation, layer.groups, cout=layer.cout)
+        counts[s] = counts.get(s, 0) + 1
+    return list(counts.items())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resnet1d_layers(benchmark, results, mode):
+    """The model's distinct conv layers (+ BatchNorm + relu), each alone, as the shared table
+    times them: where the model's time goes, layer by layer."""
+    m = benchmarks.MODEL
+    benchmark.group = f"{m.name} layers {mode}"
+    rows = []
+
+    def measure():
+        for shape, count in _model_layers(m):
+            x = mx.nd.random.normal(shape=(shape.n, shape.c, shape.width))
+            dy = mx.nd.random.normal(shape=(shape.n, shape.out_channels, shape.out_width))
+            contenders = benchmarks.conv_contenders(shape, mode, x=x, dy=dy)
+            contenders.update(peers.conv_contenders(shape, mode, x.asnumpy(), dy.asnumpy()))
+            flop = shape.conv_gflop * 1e9 * (3 if mode == "train" else 1)
+            rows.append((shape, count, benchmarks.interleaved_medians(contenders, rounds(7)),
+                         flop))
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    for shape, count, med, flop in rows:
+        results.add(f"{shape.label} x{count}", MODES[mode], med, flop, "GFLOP/s",
+                    section="model_layers")
 
 
 # Inside a network -------------------------------------------------------------------------

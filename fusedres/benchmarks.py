@@ -214,10 +214,44 @@ def add_relu_contenders(shape=(2, 1024, 1024)):
             "stock": lambda: mx.nd.relu(a + b).wait_to_read()}
 
 
-def interleaved_times(contenders, reps, warmup=2):
-    """Seconds of each call of each contender, timed round-robin (the order rotating from
-    round to round) so that machine noise, and whatever one contender leaves behind for the
-    next, hits all of them alike."""
+def timed_call(fn):
+    """Seconds of one call of fn: the float fn returns, if it does (a proxy timing a call in
+    another process, as bench/peers.py's), else measured around it."""
+    t0 = time.perf_counter()
+    r = fn()
+    dt = time.perf_counter() - t0
+    return r if isinstance(r, float) else dt
+
+
+# In each round, each contender runs untimed for SETTLE_S seconds (at least one call), then
+# timed for BLOCK_S seconds (at least one call, each call a sample).
+SETTLE_S = 0.01
+BLOCK_S = 0.005
+
+
+def timed_block(fn, settle_s=SETTLE_S, block_s=BLOCK_S):
+    """Samples of fn: untimed for settle_s (at least one call), then timed for block_s."""
+    t_end = time.perf_counter() + settle_s
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    samples, t_end = [], time.perf_counter() + block_s
+    while True:
+        samples.append(timed_call(fn))
+        if time.perf_counter() >= t_end:
+            return samples
+
+
+def interleaved_times(contenders, reps, warmup=2, settle_s=SETTLE_S, block_s=BLOCK_S):
+    """Seconds of each timed call of each contender (see timed_call), from reps rounds after
+    warmup rounds. Each round runs every contender, the order rotating from round to round, so
+    that machine noise hits all of them alike; within a round each contender first runs
+    untimed for settle_s (at least once), so that what the previous one left behind (threads
+    still spinning, here or in PyTorch's process: libgomp's spin for milliseconds after a
+    parallel region) is spent there, then timed for block_s (at least once): each is timed in
+    its own steady state, as a program running only it would see it. (How a fused layer fares
+    right after a stock one is measured on its own: bench/test_cpu.py's alone/alternating
+    rows, and the whole-model rows.)"""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -226,9 +260,7 @@ def interleaved_times(contenders, reps, warmup=2):
     for i in range(reps):
         r = i % len(names)
         for k in names[r:] + names[:r]:
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k] += timed_block(contenders[k], settle_s, block_s)
     return times
 
 
