@@ -304,7 +304,6 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   const i64 dst_row = K * CP;  // per co: [k][CP]
   const int nthr = omp_get_max_threads();
   Buf<double> acc(i64(nthr) * s.Cout * dst_row);
-  std::memset(acc.p, 0, sizeof(double) * size_t(i64(nthr) * s.Cout * dst_row));
   const i64 xrows = (CHw - 1) * S + offmax - offmin + 1;
   int used = 1;
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
@@ -314,6 +313,7 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
     used = omp_get_num_threads();
     Buf<T> xT(xrows * CP);
     double* mine = acc.p + i64(tid) * s.Cout * dst_row;
+    std::memset(mine, 0, sizeof(double) * size_t(s.Cout * dst_row));
 #pragma omp for schedule(static)
     for (i64 u = 0; u < nunits; ++u) {
       const i64 n = u / nch, ja = (u % nch) * CHw, jb = imin(Lo, ja + CHw);
@@ -363,16 +363,18 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
       }
     }
   }
-  // reduce thread partials in thread order
+  // reduce thread partials in thread order, per output channel (rows in parallel)
   const i64 total = s.Cout * dst_row;
-  for (int t = 1; t < used; ++t) {
-    const double* src = acc.p + i64(t) * total;
-    for (i64 i = 0; i < total; ++i) acc.p[i] += src[i];
-  }
-  for (i64 co = 0; co < s.Cout; ++co)
+#pragma omp parallel for schedule(static) if (i64(used) * total >= (i64(1) << 16))
+  for (i64 co = 0; co < s.Cout; ++co) {
+    double* row = acc.p + co * dst_row;
+    for (int t = 1; t < used; ++t) {
+      const double* src = row + i64(t) * total;
+      for (i64 i = 0; i < dst_row; ++i) row[i] += src[i];
+    }
     for (i64 ci = 0; ci < cin_g; ++ci)
-      for (i64 k = 0; k < K; ++k)
-        dw[(co * cin_g + ci) * K + k] = static_cast<T>(acc.p[co * dst_row + k * CP + ci]);
+      for (i64 k = 0; k < K; ++k) dw[(co * cin_g + ci) * K + k] = static_cast<T>(row[k * CP + ci]);
+  }
 }
 
 // conv_bwd_weight for groups of few input channels (below half a vector: the transposed-input
