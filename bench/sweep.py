@@ -47,8 +47,9 @@ GRID = {"n": (1, 8, 32), "c": (16, 64, 256), "width": (256, 2048), "kernel": (1,
 PEERS = ("stock", "torch", "torch folded")
 MODES = {"train": "training step", "infer": "inference"}
 
-# Why fused is slower than a peer at a shape, where known: (description of the shapes,
-# predicate(shape, mode, peer), reason). Shapes matching none are listed as unexplained.
+# Why fused is slower than a peer at a shape, where known: (predicate(shape, mode, peer), reason)
+# pairs, the first that holds naming it; a case none explains is checked against MXNet's
+# per-step floor (see floor_ms), else listed as not yet explained.
 REASONS = []
 
 
@@ -125,10 +126,31 @@ def summarize(times):
     return dict(ms=med, stock_form=which, ratios=ratios)
 
 
-def reason_for(shape, mode, peer):
-    for _, predicate, why in REASONS:
-        if predicate(shape, mode, peer):
+def floor_ms(reps=200):
+    """MXNet's per-call floor, ms: {'train': a hybridized one-relu block's forward + backward
+    (autograd record, backward, waitall) on 8 floats, 'infer': its forward + wait}. What any
+    MXNet layer costs at least, whatever its kernels."""
+    from mxnet import gluon
+    net = gluon.nn.Activation("relu")
+    net.hybridize()
+    x = mx.nd.ones((1, 1, 8))
+    x.attach_grad()
+    dy = mx.nd.ones((1, 1, 8))
+    c = {"train": benchmarks.training_step(net, x, dy), "infer": benchmarks.inference(net, x)}
+    return {k: v * 1e3 for k, v in benchmarks.interleaved_medians(c, reps // 20).items()}
+
+
+def reason_for(r, peer, floors):
+    """Why fused is slower than peer in record r (see REASONS)."""
+    shape = _shape_of(r)
+    for predicate, why in REASONS:
+        if predicate(shape, r["mode"], peer):
             return why
+    peer_ms = r["ms"][r["stock_form"]] if peer == "stock" else r["ms"][peer]
+    floor = floors[r["mode"]]
+    if r["ms"]["fused"] - floor < peer_ms:
+        return (f"MXNet's per-call floor: fused minus MXNet's {floor:.3f} ms floor is faster "
+                "than the peer")
     return "not yet explained"
 
 
@@ -189,7 +211,7 @@ def _shape_of(r):
                       a["dilation"] * (a["kernel"] - 1) // 2, a["dilation"], groups)
 
 
-def write_md(path, args, shapes, records, failed, seconds, header, peak):
+def write_md(path, args, shapes, records, failed, seconds, header, peak, floors):
     slow = slower_cases(records)
     lines = ["# fusedres sweep: fused against stock MXNet and PyTorch over a shape grid", ""]
     lines += header
@@ -204,7 +226,9 @@ def write_md(path, args, shapes, records, failed, seconds, header, peak):
               "docstring. Ratios are fused time / peer time (below 1: fused is faster); "
               "`stock` is the faster of Conv2D(1,k) on data kept 4-D and (inference) Conv1D; "
               "`torch folded` is inference only. Training steps count 3 convolutions of work "
-              "(the input needs a gradient).", ""]
+              "(the input needs a gradient). MXNet's per-call floor measured in this run (a "
+              "hybridized one-relu block on 8 floats): training step "
+              f"{floors['train']:.3f} ms, inference {floors['infer']:.3f} ms.", ""]
     lines += ["## Summary", "",
               "| mode | peer | shapes | median ratio | worst ratio | shapes where fused is "
               "slower |", "|---|---|---|---|---|---|"]
@@ -233,7 +257,7 @@ def write_md(path, args, shapes, records, failed, seconds, header, peak):
             lines.append(f"| {r['label']} | {MODES[r['mode']]} | {name} | "
                          f"{r['ms']['fused']:.3f} | {peer_ms:.3f} | {ratio:.2f} | "
                          f"{'%.2f' % first if first is not None else '—'} | "
-                         f"{reason_for(_shape_of(r), r['mode'], p)} |")
+                         f"{reason_for(r, p, floors)} |")
     if failed:
         lines += ["", "## Shapes that failed", "", "| shape | mode | error |", "|---|---|---|"]
         lines += [f"| {f['label']} | {MODES[f['mode']]} | {f['error']} |" for f in failed]
@@ -351,6 +375,7 @@ def main(argv=None):
         return 0
     own, start = benchenv.fma_peaks()
     sgemm = benchenv.sgemm_peak_gflops()
+    floors = floor_ms()
     shapes, records, failed, seconds = run(args)
     peak_runs = [start, benchenv.fma_peaks()[1]]
     peaks = benchenv.best_peaks(peak_runs)
@@ -359,11 +384,12 @@ def main(argv=None):
     meta = dict(command=sys.argv, seconds=seconds, fma_peaks=peaks, fma_peak_runs=peak_runs,
                 kernels_isa=own,
                 sgemm_gflops=sgemm, header=header, grid=GRID, seed=args.seed,
-                full=args.full, max_gflop=args.max_gflop, omp=os.environ["OMP_NUM_THREADS"])
+                full=args.full, max_gflop=args.max_gflop, omp=os.environ["OMP_NUM_THREADS"],
+                mxnet_floor_ms=floors)
     (args.out / "results_sweep.json").write_text(json.dumps(
         dict(meta=meta, records=records, failed=failed), indent=1, default=str))
     write_md(args.out / "results_sweep.md", args, shapes, records, failed, seconds, header,
-             peaks[own])
+             peaks[own], floors)
     chart(args.out / "results_sweep.png", records)
     n_slow = len(slower_cases(records))
     print(f"{len(records)} rows in {seconds / 60:.1f} min ({len(failed)} failed); fused slower "

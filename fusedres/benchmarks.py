@@ -224,8 +224,11 @@ def timed_call(fn):
 
 
 # In each round, each contender runs untimed for SETTLE_S seconds (at least one call), then
-# timed for BLOCK_S seconds (at least one call, each call a sample).
-SETTLE_S = 0.01
+# timed for BLOCK_S seconds (at least one call, each call a sample). After a call, each of
+# the libraries here (the fused kernels' threads, MXNet's and PyTorch's OpenMP threads) keeps
+# 1-2 processors spinning for a few milliseconds: 4-8 ms of CPU time in all, measured on 2
+# processors (2026-12); SETTLE_S outlasts that.
+SETTLE_S = 0.02
 BLOCK_S = 0.005
 
 
@@ -247,11 +250,10 @@ def interleaved_times(contenders, reps, warmup=2, settle_s=SETTLE_S, block_s=BLO
     warmup rounds. Each round runs every contender, the order rotating from round to round, so
     that machine noise hits all of them alike; within a round each contender first runs
     untimed for settle_s (at least once), so that what the previous one left behind (threads
-    still spinning, here or in PyTorch's process: libgomp's spin for milliseconds after a
-    parallel region) is spent there, then timed for block_s (at least once): each is timed in
-    its own steady state, as a program running only it would see it. (How a fused layer fares
-    right after a stock one is measured on its own: bench/test_cpu.py's alone/alternating
-    rows, and the whole-model rows.)"""
+    still spinning, here or in PyTorch's process) is spent there, then timed for block_s (at
+    least once): each is timed in its own steady state, as a program running only it would
+    see it. (How a fused layer fares right after a stock one is measured on its own:
+    bench/test_cpu.py's alone/alternating rows, and the whole-model rows.)"""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
