@@ -96,7 +96,7 @@ class Results:
         return lines
 
     def write(self):
-        if not any(self.rows.values()):
+        if not any(self.rows.values()) and not self.inside:
             return
         from fusedres import benchmarks
         lines = ["# fusedres CPU benchmarks", ""]
