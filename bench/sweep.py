@@ -3,8 +3,8 @@ MXNet and PyTorch over a grid of N, C, L, K, stride, dilation and groups, in tra
 inference; writes results_sweep.json, results_sweep.md (every shape where fused is slower than
 a peer, the worst ratios) and results_sweep.png (ratio against shape).
 
-    .venv/bin/python bench/sweep.py                  # the sample: 96 shapes, about 5 minutes
-    .venv/bin/python bench/sweep.py --full           # all 540 distinct grid points (long)
+    .venv/bin/python bench/sweep.py                  # the sample: 96 shapes, 5-10 minutes
+    .venv/bin/python bench/sweep.py --full           # all 540 grid points, about an hour
     .venv/bin/python bench/sweep.py --shapes 3 --reps 3 --out /tmp/sweep   # a smoke run
 
 The grid is N {1, 8, 32} x C {16, 64, 256} x L {256, 2048} x K {1, 3, 9} x stride {1, 2} x
