@@ -373,54 +373,90 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
   }
   const i64 Lq = cdiv(s.L, S);
   const i64 Wq = ch.CH + dmax - dmin + 1;
+  // Wide layers on short rows: when a group's packed weights outgrow half of L2, every unit
+  // would stream them from L3 again. If a thread's share of the input fits in half of L2
+  // instead, (stride 1) each thread goes over its units a block of rb output rows at a time,
+  // reading each block's weights once and the input from L2. Same tiles and per-unit
+  // statistics either way: the results are the same numbers.
+  const i64 wrow = K * cin_g * i64(sizeof(T));  // packed bytes per output row
+  const i64 share =
+      cdiv(nunits, omp_get_max_threads()) * cin_g * (ch.CH + (K - 1) * s.dilation) * i64(sizeof(T));
+  const bool row_blocked =
+      S == 1 && rup(cout_g, V::MR) * wrow > (i64(512) << 10) && share <= (i64(512) << 10);
+  const i64 rb = imax(V::MR, ((i64(256) << 10) / wrow) / V::MR * V::MR);
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
     Tap<T> taps[64];
     Buf<Tap<T>> taps_big(K > 64 ? K : 0);
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
-#pragma omp for schedule(static)
-    for (i64 u = 0; u < nunits; ++u) {
-      const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
-      i64 qbeg = 0, qend = 0;
-      if (S > 1) {
-        qbeg = imax(0, ja + dmin);
-        qend = imin(Lq, jb + dmax);
-        deinterleave(x + n * s.Cin * s.L, s.Cin, s.L, S, qbeg, qend, ph.p, Wq);
-      }
-      for (i64 g = 0; g < G; ++g) {
-        for (i64 k = 0; k < K; ++k) {
-          const i64 off = k * s.dilation - s.pad;
-          if (S == 1) {
-            tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, off, s.L};
-          } else {
-            const i64 r = fmod_pos(off, S), d = fdiv(off, S);
-            const i64 len_r = r < s.L ? cdiv(s.L - r, S) : 0;
-            tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
+    if (row_blocked) {
+      // Each thread takes its share of the units a block of output rows at a time.
+      const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+      const i64 u0 = nunits * t / nt, u1 = nunits * (t + 1) / nt;
+      for (i64 g = 0; g < G; ++g)
+        for (i64 r0 = 0; r0 < cout_g; r0 += rb)
+          for (i64 u = u0; u < u1; ++u) {
+            const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
+            for (i64 k = 0; k < K; ++k)
+              tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, k * s.dilation - s.pad, s.L};
+            const i64 co0 = g * cout_g + r0;
+            ConvUnit<V> cu{tp,
+                           int(K),
+                           s.L,
+                           cin_g,
+                           wp + g * wgroup + r0 * K * cin_g,
+                           imin(rb, cout_g - r0),
+                           bias ? bias + co0 : nullptr,
+                           out + (n * s.Cout + co0) * Lo,
+                           Lo,
+                           stats ? stats + (u * s.Cout + co0) * 3 : nullptr};
+            run_conv_unit<V, EPI>(cu, ja, jb);
           }
+    } else {
+#pragma omp for schedule(static)
+      for (i64 u = 0; u < nunits; ++u) {
+        const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
+        i64 qbeg = 0, qend = 0;
+        if (S > 1) {
+          qbeg = imax(0, ja + dmin);
+          qend = imin(Lq, jb + dmax);
+          deinterleave(x + n * s.Cin * s.L, s.Cin, s.L, S, qbeg, qend, ph.p, Wq);
         }
-        ConvUnit<V> cu{tp,
-                       int(K),
-                       S == 1 ? s.L : Wq,
-                       cin_g,
-                       wp + g * wgroup,
-                       cout_g,
-                       bias ? bias + g * cout_g : nullptr,
-                       out + (n * s.Cout + g * cout_g) * Lo,
-                       Lo,
-                       stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
-        if (u + 1 < nunits) {
-          // the next unit's input window of this group's channels
-          const i64 n1 = (u + 1) / ch.nch, ja1 = ((u + 1) % ch.nch) * ch.CH;
-          const i64 jb1 = imin(Lo, ja1 + ch.CH);
-          const i64 p0 = iclamp(ja1 * S - s.pad, 0, s.L);
-          const i64 p1 = iclamp((jb1 - 1) * S + (K - 1) * s.dilation - s.pad + 1, 0, s.L);
-          cu.pf = x + (n1 * s.Cin + g * cin_g) * s.L + p0;
-          cu.pf_rows = cin_g;
-          cu.pf_cs = s.L;
-          cu.pf_len = p1 - p0;
+        for (i64 g = 0; g < G; ++g) {
+          for (i64 k = 0; k < K; ++k) {
+            const i64 off = k * s.dilation - s.pad;
+            if (S == 1) {
+              tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, off, s.L};
+            } else {
+              const i64 r = fmod_pos(off, S), d = fdiv(off, S);
+              const i64 len_r = r < s.L ? cdiv(s.L - r, S) : 0;
+              tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
+            }
+          }
+          ConvUnit<V> cu{tp,
+                         int(K),
+                         S == 1 ? s.L : Wq,
+                         cin_g,
+                         wp + g * wgroup,
+                         cout_g,
+                         bias ? bias + g * cout_g : nullptr,
+                         out + (n * s.Cout + g * cout_g) * Lo,
+                         Lo,
+                         stats ? stats + (u * s.Cout + g * cout_g) * 3 : nullptr};
+          if (u + 1 < nunits) {
+            // the next unit's input window of this group's channels
+            const i64 n1 = (u + 1) / ch.nch, ja1 = ((u + 1) % ch.nch) * ch.CH;
+            const i64 jb1 = imin(Lo, ja1 + ch.CH);
+            const i64 p0 = iclamp(ja1 * S - s.pad, 0, s.L);
+            const i64 p1 = iclamp((jb1 - 1) * S + (K - 1) * s.dilation - s.pad + 1, 0, s.L);
+            cu.pf = x + (n1 * s.Cin + g * cin_g) * s.L + p0;
+            cu.pf_rows = cin_g;
+            cu.pf_cs = s.L;
+            cu.pf_len = p1 - p0;
+          }
+          run_conv_unit<V, EPI>(cu, ja, jb);
         }
-        run_conv_unit<V, EPI>(cu, ja, jb);
       }
     }
   }
