@@ -55,16 +55,25 @@ clean:
 	    fusedres/cuda_src bench/results_cpu.json .benchmarks .pytest_cache $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Release artifacts: dist/fusedres-*.tar.gz and a manylinux2014 wheel built from it (zig's clang,
-# NVRTC cubins for fusedres/cuda/build_options.py's archs; see tools/build_wheel.sh). Needs only
-# PyPI.
-.PHONY: wheel wheel-check source-check
-wheel:
-	PYTHON=$(PYTHON) bash tools/build_wheel.sh
+# Release artifacts: dist/fusedres-*.tar.gz and, built from it, a manylinux2014 wheel for each
+# CPython of WHEEL_PYTHONS (zig's clang, NVRTC cubins for fusedres/cuda/build_options.py's archs,
+# the MXNet operator library and cubins built once for all; see tools/build_wheel.sh), and
+# dist/SHA256SUMS. Needs only PyPI and the interpreters (found as tools/wheel_pythons.sh says).
+# The list is also what pyproject.toml's requires-python and classifiers and
+# fusedres/__main__.py's TESTED_PYTHONS say (tests/test_python_versions.py checks).
+WHEEL_PYTHONS ?= 3.8 3.9 3.10 3.11
+.PHONY: wheels wheels-check wheel wheel-check source-check
+wheels:
+	PYTHON=$(PYTHON) WHEEL_PYTHONS="$(WHEEL_PYTHONS)" bash tools/build_wheel.sh
 
-# The wheel in a fresh venv, away from the source tree: smoke checks, python -m fusedres, tests.
-wheel-check: wheel
-	PYTHON=$(PYTHON) bash tools/check_wheel.sh
+# Each wheel in a fresh venv of its Python, away from the source tree: smoke checks,
+# python -m fusedres tiny, the test suite (tools/check_wheel.sh says how much of it where).
+wheels-check: wheels
+	PYTHON=$(PYTHON) WHEEL_PYTHONS="$(WHEEL_PYTHONS)" bash tools/check_wheel.sh
+
+# The names from before there were several wheels: the same targets.
+wheel: wheels
+wheel-check: wheels-check
 
 # A source install is the whole package: a clean export of HEAD and the sdist made from it,
 # each pip-installed with [cpu] into a fresh venv, must report the same MXNet operators and

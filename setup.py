@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -34,4 +35,12 @@ class CMakeBuild(build_ext):
                         str(os.cpu_count() or 1)], check=True)
 
 
-setup(ext_modules=[CMakeExtension("fusedres._C")], cmdclass={"build_ext": CMakeBuild})
+# The license is here, not in pyproject.toml: setuptools >= 77 writes it as a PEP 639
+# License-Expression, which Python 3.8's last setuptools (75.3) cannot; that one gets the older
+# License field.
+LICENSE = "Apache-2.0"
+license_kw = ({"license_expression": LICENSE} if int(setuptools.__version__.split(".")[0]) >= 77
+              else {"license": LICENSE})
+
+setup(ext_modules=[CMakeExtension("fusedres._C")], cmdclass={"build_ext": CMakeBuild},
+      **license_kw)
