@@ -3,7 +3,16 @@
 ``import fusedres`` registers the CustomOps ``fusedres_conv1d_bn_relu`` and
 ``fusedres_add_relu``; ``fusedres.nn`` holds the Gluon blocks built on them.
 """
+import os
+
 __version__ = "0.1.0"
+
+# The wheels' OpenMP runtime, libiomp5, registers fork handlers (when it starts, at the first
+# fused op) that take its global locks; MXNet's fork handler, registered before them and so run
+# after, then joins MXNet's worker threads, which need those locks to exit: every fork after a
+# fused op (os.fork, multiprocessing, subprocess on Python < 3.10) hung. Without libiomp5's
+# handlers a fork goes as with libgomp, the source build's runtime (tools/wheel_smoke.py checks).
+os.environ.setdefault("KMP_INIT_AT_FORK", "FALSE")
 
 try:
     import mxnet  # noqa: F401

@@ -8,7 +8,9 @@
    multithreaded, results right; fusedres' omp_* / __kmpc_* calls bind to the vendored runtime
    even when libgomp is in the global symbol scope (LD_PRELOAD, as some launchers do); another
    libiomp5.so loaded first (FUSEDRES_FOREIGN_IOMP5) is shared rather than doubled;
-4. the MXNet operator library libfusedres_mxop.so loads into MXNet and trains a step.
+4. a fork after fused ops (os.fork, subprocess) neither hangs nor breaks them, in the parent
+   or the child;
+5. the MXNet operator library libfusedres_mxop.so loads into MXNet and trains a step.
 
     python wheel_smoke.py [ARCH ...]   (the archs the wheel was built for; default: the
                                         installed fusedres/cuda/build_options.py's list)
@@ -153,6 +155,50 @@ def foreign_iomp5(path):
           + ("" if proc.returncode == 0 else "\n" + proc.stderr[-2000:]))
 
 
+FORK_RUN = textwrap.dedent("""
+    import os, subprocess
+    import mxnet as mx
+    import fusedres
+    b = fusedres.nn.ConvBNReLU1D(8, 3, padding=1, in_channels=4, use_native=True)
+    b.initialize()
+    x = mx.nd.ones((2, 4, 99))
+    def step():
+        with mx.autograd.record():
+            y = b(x)
+        y.backward()
+        mx.nd.waitall()
+        return float(y.sum().asscalar())
+    want = step()
+    same = lambda v: abs(v - want) <= 1e-4 * abs(want)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if same(step()) else 3)
+    _, status = os.waitpid(pid, 0)
+    # close_fds=True: Python 3.8 and 3.9 fork() here (3.10 and later vfork, which skips the
+    # fork handlers).
+    subprocess.run(["true"], check=True, close_fds=True)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert same(step())
+    print("    forked twice; the child computed the same step; so did the parent after")
+""")
+
+
+def fork():
+    """A fork after fused ops must neither hang nor break them in the parent or the child.
+    libiomp5's fork handlers deadlocked with MXNet's, which join MXNet's worker threads
+    (fusedres/__init__.py turns them off). The MXNet operators only: with CustomOps a fork can
+    hang in MXNet itself, with either OpenMP runtime and any Python CustomOp (its fork handler
+    takes a lock that a CustomOp thread holds while it waits for the GIL of the forking thread)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", FORK_RUN], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        check(False, "os.fork and subprocess after the MXNet operators ran: hung (120 s)")
+    print(proc.stdout.rstrip())
+    check(proc.returncode == 0, "os.fork and subprocess after the MXNet operators ran"
+          + ("" if proc.returncode == 0 else "\n" + proc.stderr[-3000:]))
+
+
 def native_library():
     """The MXNet operators load from the wheel into PyPI's libmxnet and train a step."""
     code = (
@@ -181,6 +227,8 @@ def main(archs):
     print("OpenMP beside MXNet:")
     openmp()
     foreign_iomp5(os.environ.get("FUSEDRES_FOREIGN_IOMP5"))
+    print("fork after fused ops:")
+    fork()
     print("MXNet operators:")
     native_library()
     print("wheel_smoke: all checks passed")
