@@ -78,8 +78,14 @@ def _translate(options):
     return [std, "-I" + str(INCLUDE), "-include", str(HEADER)] + flags
 
 
-def _run(cmd, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+def _run(cmd):
+    # Builds run in MXNet's CustomOp threads (the GPU path on the emulation). A fork() there runs
+    # MXNet's pthread_atfork handlers, which stop the engine from one of its own threads: abort.
+    # Python >= 3.10 spawns with vfork, which skips them; posix_spawn skips them too, and Popen
+    # takes it on Python 3.8 and 3.9 for an absolute program path, close_fds=False and no cwd.
+    exe = shutil.which(cmd[0]) or cmd[0]
+    proc = subprocess.run([os.path.abspath(exe), *cmd[1:]], capture_output=True, text=True,
+                          close_fds=False)
     if proc.returncode != 0:
         raise CompileException(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     return proc.stdout
@@ -112,12 +118,13 @@ def build(code, options=()):
     cxx = compiler()
     flags = _translate(tuple(options))
     with tempfile.TemporaryDirectory(prefix="cuda_emu_") as tmp:
-        (Path(tmp) / "module.cu").write_text(code)
-        scan = _run([cxx, "-E", "-P", "-DCUEMU_SCAN", *flags, "-x", "c++", "module.cu"], tmp)
+        tmp = Path(tmp)
+        (tmp / "module.cu").write_text(code)
+        scan = _run([cxx, "-E", "-P", "-DCUEMU_SCAN", *flags, "-x", "c++", str(tmp / "module.cu")])
         kernels = {}
         for m in _KERNEL.finditer(scan):
             kernels.setdefault(m.group("name"), (m.group("lb1") or m.group("lb2") or "").strip())
-        version = _run([cxx, "--version"], tmp)
+        version = _run([cxx, "--version"])
         keyed = [f for f in flags if not f.startswith("-I")]
         key = hashlib.sha256("\0".join([version, " ".join(keyed), " ".join(CXXFLAGS), scan])
                              .encode()).hexdigest()[:32]
@@ -126,11 +133,12 @@ def build(code, options=()):
             os.utime(lib)
             return lib
         _prune(cache_dir())
-        (Path(tmp) / "module_emu.cpp").write_text('#include "module.cu"\n' + _generated(kernels))
-        _run([cxx, *CXXFLAGS, *flags, "-x", "c++", "module_emu.cpp", "-o", "module.so"], tmp)
+        (tmp / "module_emu.cpp").write_text('#include "module.cu"\n' + _generated(kernels))
+        _run([cxx, *CXXFLAGS, *flags, "-x", "c++", str(tmp / "module_emu.cpp"), "-o",
+              str(tmp / "module.so")])
         lib.parent.mkdir(parents=True, exist_ok=True)
         part = lib.with_name(f"{key}.{os.getpid()}.part")
-        shutil.copyfile(Path(tmp) / "module.so", part)
+        shutil.copyfile(tmp / "module.so", part)
         os.replace(part, lib)  # atomic: concurrent builds of one key do not see half a file
         return lib
 
