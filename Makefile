@@ -44,11 +44,13 @@ bench: setup
 
 # The sweep: fused against stock MXNet and PyTorch over a grid of N, C, L, K, stride, dilation
 # and groups; writes bench/results_sweep.{md,json,png} with every shape where fused is slower
-# than a peer (bench/sweep.py).
+# than a peer (bench/sweep.py). The default sample takes about 3 minutes on 2 cores;
+# SWEEP_ARGS="--shapes 96 --max-gflop 1" (about 50) or "--full" (hours) for more.
+SWEEP_ARGS ?= --shapes 40 --reps 5 --max-gflop 0.5
 .PHONY: bench-sweep
 bench-sweep: setup
 	$(PIP) install -q torch==2.13.0 || echo "PyTorch not installed: sweeping without it"
-	$(PY) bench/sweep.py
+	$(PY) bench/sweep.py $(SWEEP_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info fusedres/_C*.so fusedres/libfusedres_mxop.so fusedres/cubins \
