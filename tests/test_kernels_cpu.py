@@ -112,6 +112,10 @@ SMALL = [
     ConvCase(2, 1, 300, 16, 7, 2, 3, 1, 1, True),         # a stem: 1 channel in, 16 out
     ConvCase(2, 16, 50, 16, 3, 1, 1, 1, 2, True),         # 8 per group: the boundary
     ConvCase(2, 12, 45, 20, 3, 2, 2, 2, 4, False),        # 3 in, 5 out per group, s2 d2
+    ConvCase(2, 4, 1100, 8, 5, 2, 2, 1, 4, True),         # depthwise, unmasked tiles over phases
+    ConvCase(2, 3, 40, 30, 3, 1, 1, 1, 3, True),          # multiplier 10: the dense engine
+    # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
+    ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
 ]
 
 
@@ -194,6 +198,24 @@ def test_forward_train_batch_stats(shape, dtype):
     _check(rv, rrv, tol, "running_var")
     _check(y, ry, tol * 4, "y")
     assert np.all(y >= 0)
+
+
+@pytest.mark.parametrize("isa", ISAS[1:], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [ConvCase(4, 16, 300, 16, 3, 1, 1, 1, 1, True),
+                                   ConvCase(8, 4, 4096, 4, 3, 1, 1, 1, 4, True)],
+                         ids=["dense", "depthwise"])
+def test_forward_stats_large_input_mean(shape, dtype, isa):
+    """Inputs far from zero with positive weights: with padding the edge outputs are far from
+    the channel's mean, the shape that breaks statistics taken about an edge value (found in
+    review of the depthwise path: 2.2e-4 relative error in invstd on the portable code)."""
+    d = _make(shape, dtype, seed=4)
+    d["x"] = (d["x"] + 100.0).astype(dtype)
+    d["w"] = np.abs(d["w"]).astype(dtype)
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+    zz = z.astype(np.float64)
+    _check(invstd, 1.0 / np.sqrt(zz.var(axis=(0, 2)) + 1e-5), _tol(dtype), "invstd")
+    _check(mean, zz.mean(axis=(0, 2)), _tol(dtype), "mean")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -472,3 +494,18 @@ def test_fma_peak_probe_measures_each_instruction_set_and_refuses_bad_arguments(
     for seconds in (0.0, -1.0, float("nan"), 100.0):
         with pytest.raises(ValueError, match="seconds must be in"):
             _C.fma_peak_gflops(None, seconds=seconds)
+
+
+@pytest.mark.parametrize("isa", ISAS[1:], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_depthwise_infinite_first_output_gives_the_references_statistics(dtype, isa):
+    """+inf in every channel's first conv output (the row its statistics are shifted by): the
+    mean and running mean are +inf as in the reference, not NaN from inf - inf."""
+    d = _make(ConvCase(3, 4, 40, 8, 3, 1, 1, 1, 4, True), dtype, seed=10)
+    d["w"] = np.abs(d["w"]).astype(dtype)
+    d["x"][0, :, 0] = np.inf
+    z, y, mean, invstd, rm, rv = _forward_train(d, dtype)
+    ry, cache, rrm, rrv = _ref_forward(d)
+    assert np.all(np.isposinf(z[0, :, 0]))
+    assert np.all(np.isposinf(mean)) and np.all(np.isposinf(rrm)), (mean, rrm)
+    np.testing.assert_array_equal(np.isposinf(rm), np.isposinf(rrm))

@@ -119,8 +119,15 @@ void dw_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bia
         row_taps(s, x + (n * s.Cin + ci) * s.L, ph.p, taps.p);
         conv_row<V, false>(taps.p, int(K), w + co * K, bias ? bias[co] : T(0), zr, Lo);
         if (batch_stats) {
-          // Moments about the channel's first value: close to the mean, no cancellation.
-          if (n == 0) shift = double(zr[0]);
+          // Moments about the mean of the channel's first row (in cache: one more pass over
+          // it), close to the channel's mean: no cancellation in sq - sum^2 / M. Not a single
+          // value: with padding the first one is an edge, far from the mean. A row mean that
+          // is not finite (an infinite z) shifts by 0, so the mean comes out as the reference's.
+          if (n == 0) {
+            double s0 = 0, q0 = 0;
+            row_moments<V>(zr, Lo, T(0), &s0, &q0);
+            shift = std::isfinite(s0) ? double(T(s0 / double(Lo))) : 0.0;
+          }
           row_moments<V>(zr, Lo, T(shift), &sum, &sq);
         }
       }
