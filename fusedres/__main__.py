@@ -9,6 +9,21 @@ import numpy as np
 from . import __version__, benchmarks, cuda, ops, reference
 
 
+# The CPython versions fusedres is built and tested for: the wheels of `make wheels` (the
+# Makefile's WHEEL_PYTHONS), pyproject.toml's requires-python and classifiers.
+TESTED_PYTHONS = ((3, 8), (3, 9), (3, 10), (3, 11))
+
+
+def untested_python_warning(version_info):
+    """The line `python -m fusedres` prints on a Python outside TESTED_PYTHONS (None inside)."""
+    version = tuple(version_info[:2])
+    if version in TESTED_PYTHONS:
+        return None
+    tested = ", ".join("%d.%d" % v for v in TESTED_PYTHONS)
+    return (f"WARNING: Python {version[0]}.{version[1]} is untested: fusedres {__version__} is "
+            f"built and tested for CPython {tested} only")
+
+
 def shipped_cubins():
     """{op family: sorted sm_XX} of the cubins in fusedres/cubins."""
     found = {name: sorted(p.name[len(name) + 1:-len(".cubin")]
@@ -24,6 +39,9 @@ def environment():
     print(f"fusedres {__version__} | Python {platform.python_version()} | "
           f"MXNet {mx.__version__} (MKLDNN {'on' if feats.is_enabled('MKLDNN') else 'off'}, "
           f"CUDA {'on' if feats.is_enabled('CUDA') else 'off'}) | numpy {np.__version__}")
+    warning = untested_python_warning(sys.version_info)
+    if warning:
+        print(warning)
     from . import _C
     print(f"CPU kernels:     fusedres._C loaded from {os.path.basename(_C.__file__)}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores")

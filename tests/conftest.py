@@ -18,6 +18,28 @@ except ImportError:
 
 from helpers import cuda_targets  # noqa: E402
 
+if sys.version_info < (3, 10) and "mxnet" in sys.modules:
+    import subprocess
+    import threading
+    import time
+
+    _popen_init = subprocess.Popen.__init__
+
+    def _popen_init_after_customops(self, *args, **kwargs):
+        """Python 3.8 and 3.9 start subprocesses with fork(), which runs MXNet's fork handler. It
+        joins MXNet's CustomOp threads, and one that has just finished an op frees the op's
+        state (a Python callback) under the lock the handler takes, waiting for the GIL that the
+        forking thread holds: a deadlock in MXNet (Python >= 3.10 spawns with vfork, which runs
+        no fork handlers). So queued work finishes, and those threads get the GIL, first (from
+        the main thread: MXNet's threads must not wait for themselves; tests/cuda_emu/build.py,
+        which runs there, spawns without fork)."""
+        if threading.current_thread() is threading.main_thread():
+            mxnet.nd.waitall()
+            time.sleep(0.02)
+        _popen_init(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = _popen_init_after_customops
+
 
 def pytest_generate_tests(metafunc):
     if "cuda_target" in metafunc.fixturenames:  # decided only where CUDA tests are collected

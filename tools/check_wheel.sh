@@ -1,59 +1,97 @@
 #!/usr/bin/env bash
-# `make wheel-check`: installs dist/fusedres-*.whl into a fresh venv (with its `cpu` and `test`
-# extras, from PyPI) and checks it there, away from the source tree:
+# `make wheels-check`: each wheel of `make wheels` (dist/fusedres-*-cp3XX-*.whl, one per Python of
+# WHEEL_PYTHONS) is installed into a fresh venv of its own Python (with its `cpu` and `test`
+# extras, from PyPI) and checked there, away from the source tree:
 #   1. tools/wheel_smoke.py: imports resolve to site-packages, cubins and CUDA sources are
 #      shipped, OpenMP coexists with MXNet's, the MXNet operators load and train;
-#   2. `python -m fusedres tiny`: the environment report, correctness, one timing row;
+#   2. `python -m fusedres tiny`: the environment report (no "untested Python" warning),
+#      correctness, one timing row;
 #   3. the test suite, against the installed wheel: the checkout minus fusedres/ is copied into a
 #      scratch root whose fusedres/ holds only symlinks into the installed package (no
 #      __init__.py, so `import fusedres` still resolves to site-packages; tests that load files
 #      by path get the installed ones); a pytest plugin fails the run unless fusedres is the
 #      installed one.
-# Knobs: PYTHON (default python3), FUSEDRES_CUDA_ARCHS (the archs the wheel was built with;
-# default: the wheel's own fusedres/cuda/build_options.py list, which wheel_smoke.py reads).
+# First dist/SHA256SUMS is checked (sha256sum -c), and that there is a wheel for every Python.
+#
+# How much of the suite where (the whole suite takes about 150 s on 2 cores per Python, a venv
+# with MXNet, scipy and NVRTC about 40 s more, smoke checks and `python -m fusedres tiny` about
+# 40 s): every Python runs the WHOLE suite. Four Pythons are about 16 minutes, which CI's 90
+# allow; nothing in the suite is skipped for any of them. WHEEL_CHECK_SUBSET_PYTHONS lists
+# entries of WHEEL_PYTHONS that run only SUBSET instead (default none), for a quicker pass.
+#
+# Knobs: WHEEL_PYTHONS (default: PYTHON's version; the Makefile passes its list),
+# WHEEL_CHECK_SUBSET_PYTHONS (see above), FUSEDRES_CUDA_ARCHS (the archs the wheels were built
+# with; default: the wheel's own fusedres/cuda/build_options.py list, which wheel_smoke.py reads).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=tools/wheel_pythons.sh
+. tools/wheel_pythons.sh
 PYTHON="${PYTHON:-python3}"
+WHEEL_PYTHONS="${WHEEL_PYTHONS:-$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
+SUBSET_PYTHONS=" ${WHEEL_CHECK_SUBSET_PYTHONS:-} "
+# The representative subset: the op-level suites on both implementations, the MXNet operator
+# library's load and ABI checks, the blocks end to end (every implementation and device, the GPU
+# path emulated), Module/Symbol, the examples, and the CPU kernels against the reference.
+SUBSET=(tests/test_python_versions.py tests/test_native_ops.py tests/test_ops.py
+        tests/test_blocks.py tests/test_module_api.py tests/test_examples.py
+        tests/test_kernels_cpu.py)
 ARCHS="${FUSEDRES_CUDA_ARCHS:-}"
 WORK="$ROOT/build/wheel-check"
-VENV="$WORK/venv"
 t_start=$SECONDS
 step() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - t_start))"; }
 
+step "dist/SHA256SUMS"
+(cd dist && sha256sum -c SHA256SUMS)
+WANTS=() INTERPS=() TAGS=() WHEELS=()
 shopt -s nullglob
-wheels=(dist/fusedres-*.whl)
-[ "${#wheels[@]}" -eq 1 ] || { echo "check_wheel: want exactly one dist/fusedres-*.whl, found ${#wheels[@]} (make wheel)" >&2; exit 1; }
-WHEEL="$ROOT/${wheels[0]}"
-
-step "fresh venv $VENV: pip install $(basename "$WHEEL")[cpu,test]"
+for want in $WHEEL_PYTHONS; do
+  interp="$(wheel_python "$want")"
+  tag="$(wheel_tag "$interp")"
+  wheels=(dist/fusedres-*-"$tag"-"$tag"-*manylinux*.whl)
+  [ "${#wheels[@]}" -eq 1 ] || { echo "check_wheel: want exactly one $tag wheel in dist/, found ${#wheels[@]} (make wheels)" >&2; exit 1; }
+  grep -q " ${wheels[0]#dist/}\$" dist/SHA256SUMS \
+    || { echo "check_wheel: ${wheels[0]} is not in dist/SHA256SUMS" >&2; exit 1; }
+  WANTS+=("$want") INTERPS+=("$interp") TAGS+=("$tag") WHEELS+=("$ROOT/${wheels[0]}")
+done
 rm -rf "$WORK"
-mkdir -p "$WORK"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "$WHEEL[cpu,test]"
-PY="$VENV/bin/python"
 
-# Everything below runs from a scratch directory, never from the checkout.
-RUN="$WORK/run"
-mkdir -p "$RUN"
-cp tools/wheel_smoke.py "$RUN/"
-cd "$RUN"
+# One Python's checks; run in a subshell with errexit, so that the first failure ends them and
+# the next Python is still checked.
+check_one() {
+  local i="$1"
+  local interp="${INTERPS[$i]}" tag="${TAGS[$i]}" WHEEL="${WHEELS[$i]}"
+  VENV="$WORK/$tag/venv"
+  step "$tag: fresh venv of $interp: pip install $(basename "$WHEEL")[cpu,test]"
+  mkdir -p "$WORK/$tag"
+  "$interp" -m venv "$VENV"
+  PY="$VENV/bin/python"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "$WHEEL[cpu,test]"
+  "$PY" -c 'import sys; print("Python", sys.version.split()[0], "at", sys.executable)'
 
-step "wheel_smoke.py"
-# shellcheck disable=SC2086
-FUSEDRES_FOREIGN_IOMP5="$ROOT/build/wheel/tools-venv/lib/libiomp5.so" "$PY" wheel_smoke.py $ARCHS
+  # Everything below runs from a scratch directory, never from the checkout.
+  RUN="$WORK/$tag/run"
+  mkdir -p "$RUN"
+  cp tools/wheel_smoke.py "$RUN/"
 
-step "python -m fusedres tiny"
-"$PY" -m fusedres tiny
+  step "$tag: wheel_smoke.py"
+  # shellcheck disable=SC2086
+  (cd "$RUN" && FUSEDRES_FOREIGN_IOMP5="$ROOT/build/wheel/tools-venv/lib/libiomp5.so" "$PY" wheel_smoke.py $ARCHS)
 
-step "pytest against the installed wheel (check so far: $((SECONDS - t_start)) s)"
-PKG="$("$PY" -c 'import fusedres, os; print(os.path.dirname(os.path.realpath(fusedres.__file__)))')"
-FAKE="$RUN/root"
-mkdir -p "$FAKE/fusedres" "$FAKE/plugins"
-# The checkout's files outside the package (tests/, examples/, tools/, csrc/, pyproject.toml for
-# the pytest settings, ...), which tests read by path; the package itself only as symlinks.
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) | "$PY" -c '
+  step "$tag: python -m fusedres tiny"
+  (cd "$RUN" && "$PY" -m fusedres tiny) | tee "$RUN/tiny.txt"
+  if grep -q "untested" "$RUN/tiny.txt"; then
+    echo "check_wheel: python -m fusedres calls $tag untested, but it is in WHEEL_PYTHONS" >&2
+    exit 1
+  fi
+
+  PKG="$("$PY" -c 'import fusedres, os; print(os.path.dirname(os.path.realpath(fusedres.__file__)))')"
+  FAKE="$RUN/root"
+  mkdir -p "$FAKE/fusedres" "$FAKE/plugins"
+  # The checkout's files outside the package (tests/, examples/, tools/, csrc/, pyproject.toml for
+  # the pytest settings, ...), which tests read by path; the package itself only as symlinks.
+  git ls-files -z --cached --others --exclude-standard | "$PY" -c '
 import os, shutil, sys
 src, dst = sys.argv[1], sys.argv[2]
 for f in sys.stdin.buffer.read().decode().split("\0"):
@@ -61,11 +99,12 @@ for f in sys.stdin.buffer.read().decode().split("\0"):
         os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
         shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
 ' "$ROOT" "$FAKE"
-for entry in "$PKG"/*; do
-  case "$(basename "$entry")" in __init__.py|__pycache__) ;; *) ln -s "$entry" "$FAKE/fusedres/" ;; esac
-done
-cat > "$FAKE/plugins/fusedres_wheel_check.py" <<'EOF'
+  for entry in "$PKG"/*; do
+    case "$(basename "$entry")" in __init__.py|__pycache__) ;; *) ln -s "$entry" "$FAKE/fusedres/" ;; esac
+  done
+  cat > "$FAKE/plugins/fusedres_wheel_check.py" <<'EOF'
 import os
+import sys
 import sysconfig
 
 import pytest
@@ -81,7 +120,8 @@ def _where():
 
 def pytest_report_header(config):
     pkg, ext = _where()
-    return [f"fusedres under test: {pkg}", f"fusedres._C under test: {ext}"]
+    return [f"fusedres under test: {pkg}", f"fusedres._C under test: {ext}",
+            f"Python under test: {sys.version.split()[0]} ({sys.executable})"]
 
 
 def pytest_sessionstart(session):
@@ -89,8 +129,43 @@ def pytest_sessionstart(session):
         if not os.path.realpath(path).startswith(SITE + os.sep):
             pytest.exit(f"{path} is not the installed wheel's (site-packages: {SITE})", 3)
 EOF
-cd "$FAKE"
-find . -name __pycache__ -prune -exec rm -rf {} +
-# The pytest script (not `python -m pytest`) keeps the scratch root off sys.path.
-# Last, so that pytest's summary closes the output.
-PYTHONPATH="$FAKE/plugins" "$VENV/bin/pytest" -p fusedres_wheel_check -p no:cacheprovider tests
+  find "$FAKE" -name __pycache__ -prune -exec rm -rf {} +
+  if [[ "$SUBSET_PYTHONS" == *" ${WANTS[$i]} "* ]]; then
+    what="the subset: ${SUBSET[*]}"
+    targets=("${SUBSET[@]}")
+  else
+    what="the whole suite"
+    targets=(tests)
+  fi
+  step "$tag: pytest against the installed wheel, $what"
+  # The pytest script (not `python -m pytest`) keeps the scratch root off sys.path.
+  echo "$what" > "$WORK/$tag/what.txt"
+  (cd "$FAKE" && PYTHONPATH="$FAKE/plugins" "$VENV/bin/pytest" -p fusedres_wheel_check \
+     -p no:cacheprovider "${targets[@]}") | tee "$RUN/pytest.txt"
+}
+
+summary=() failed=()
+for i in "${!TAGS[@]}"; do
+  tag="${TAGS[$i]}"
+  t_py=$SECONDS
+  set +e
+  (set -e; check_one "$i")
+  status=$?
+  set -e
+  what="$(cat "$WORK/$tag/what.txt" 2>/dev/null || echo "no tests")"
+  result="$(tail -1 "$WORK/$tag/run/pytest.txt" 2>/dev/null | sed -E 's/^=+ //; s/ =+$//')"
+  if [ "$status" -ne 0 ]; then
+    failed+=("$tag")
+    result="FAILED (exit $status)${result:+: $result}"
+  fi
+  summary+=("$tag ($("${INTERPS[$i]}" -c 'import platform; print(platform.python_version())')): $what: $result [$((SECONDS - t_py)) s]")
+done
+
+step "done"
+printf '%s\n' "${summary[@]}"
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "check_wheel: the checks failed for ${failed[*]} (see above)" >&2
+  exit 1
+fi
+# Last, so that a pytest summary line closes the output.
+tail -1 "$WORK/${TAGS[-1]}/run/pytest.txt"
