@@ -3,7 +3,8 @@
 # WHEEL_PYTHONS) is installed into a fresh venv of its own Python (with its `cpu` and `test`
 # extras, from PyPI) and checked there, away from the source tree:
 #   1. tools/wheel_smoke.py: imports resolve to site-packages, cubins and CUDA sources are
-#      shipped, OpenMP coexists with MXNet's, the MXNet operators load and train;
+#      shipped, OpenMP coexists with MXNet's, a fork after fused ops neither hangs nor breaks
+#      them, the MXNet operators load and train;
 #   2. `python -m fusedres tiny`: the environment report (no "untested Python" warning),
 #      correctness, one timing row;
 #   3. the test suite, against the installed wheel: the checkout minus fusedres/ is copied into a
@@ -13,11 +14,12 @@
 #      installed one.
 # First dist/SHA256SUMS is checked (sha256sum -c), and that there is a wheel for every Python.
 #
-# How much of the suite where (the whole suite takes about 150 s on 2 cores per Python, a venv
-# with MXNet, scipy and NVRTC about 40 s more, smoke checks and `python -m fusedres tiny` about
-# 40 s): every Python runs the WHOLE suite. Four Pythons are about 16 minutes, which CI's 90
-# allow; nothing in the suite is skipped for any of them. WHEEL_CHECK_SUBSET_PYTHONS lists
-# entries of WHEEL_PYTHONS that run only SUBSET instead (default none), for a quicker pass.
+# How much of the suite where: every Python runs the WHOLE suite. Measured from a fresh clone on
+# the 2 shared cores here: the suite 215-225 s per Python, the venv, smoke checks and
+# `python -m fusedres tiny` about 35 s more, so about 4.3 minutes a Python and 17 for the four
+# (plus about 5-8 for `make wheels`), which CI's 90 allow; nothing is skipped for any Python.
+# WHEEL_CHECK_SUBSET_PYTHONS lists entries of WHEEL_PYTHONS that run only SUBSET instead
+# (default none; about 2.5 minutes less a Python), for a quicker pass.
 #
 # Knobs: WHEEL_PYTHONS (default: PYTHON's version; the Makefile passes its list),
 # WHEEL_CHECK_SUBSET_PYTHONS (see above), FUSEDRES_CUDA_ARCHS (the archs the wheels were built
