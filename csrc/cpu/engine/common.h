@@ -66,6 +66,27 @@ T* workspace(i64 n) {
   return static_cast<T*>(c.p);
 }
 
+// Channel co's saved statistics from its batch mean and biased variance, the running ones
+// updated as MXNet does (running = momentum * running + (1 - momentum) * batch) when given.
+template <typename T>
+FR_INLINE void batch_stats_of(i64 co, double mu, double var, double eps, double momentum, T* mean,
+                              T* invstd, T* running_mean, T* running_var) {
+  mean[co] = static_cast<T>(mu);
+  invstd[co] = static_cast<T>(1.0 / std::sqrt(var + eps));
+  if (running_mean && running_var) {
+    running_mean[co] = static_cast<T>(momentum * running_mean[co] + (1 - momentum) * mu);
+    running_var[co] = static_cast<T>(momentum * running_var[co] + (1 - momentum) * var);
+  }
+}
+
+// Channel co's saved statistics from the running ones (use_global_stats, inference).
+template <typename T>
+FR_INLINE void running_stats_of(i64 co, double eps, const T* running_mean, const T* running_var,
+                                T* mean, T* invstd) {
+  mean[co] = running_mean[co];
+  invstd[co] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[co]) + eps));
+}
+
 // The normalization of one channel: pre = (z - mean) * a + beta with a = gamma * invstd, in
 // the order MXNet's BatchNorm computes it, so infinities and NaN come out as in the stock
 // blocks (a folded z * a + (beta - mean * a) turns an infinite a into inf - inf = NaN).

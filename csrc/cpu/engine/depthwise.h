@@ -134,15 +134,9 @@ void dw_forward_train(const Conv1dShape& s, const T* x, const T* w, const T* bia
       if (batch_stats) {
         const double mu = shift + sum / M, d = sq - sum * sum / M;
         const double var = (d > 0 ? d : (d == d ? 0.0 : d)) / M;
-        mean[co] = static_cast<T>(mu);
-        invstd[co] = static_cast<T>(1.0 / std::sqrt(var + eps));
-        if (running_mean && running_var) {
-          running_mean[co] = static_cast<T>(momentum * running_mean[co] + (1 - momentum) * mu);
-          running_var[co] = static_cast<T>(momentum * running_var[co] + (1 - momentum) * var);
-        }
+        batch_stats_of(co, mu, var, eps, momentum, mean, invstd, running_mean, running_var);
       } else {
-        mean[co] = running_mean[co];
-        invstd[co] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[co]) + eps));
+        running_stats_of(co, eps, running_mean, running_var, mean, invstd);
       }
       const BnChannel<V> ch(gamma[co], beta[co], mean[co], invstd[co], relu);
       for (i64 n = 0; n < s.N; ++n)

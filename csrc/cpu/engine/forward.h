@@ -94,20 +94,12 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
         m2 += m2b + delta * delta * cnt * nb / tot;
         cnt = tot;
       }
-      const double var = m2 / M;
-      mean[co] = static_cast<T>(mu);
-      invstd[co] = static_cast<T>(1.0 / std::sqrt(var + eps));
-      if (running_mean && running_var) {
-        running_mean[co] = static_cast<T>(momentum * running_mean[co] + (1 - momentum) * mu);
-        running_var[co] = static_cast<T>(momentum * running_var[co] + (1 - momentum) * var);
-      }
+      batch_stats_of(co, mu, m2 / M, eps, momentum, mean, invstd, running_mean, running_var);
     }
   } else {
     conv_forward_all<V, E_STORE>(s, x, wp.p, bias, z, nullptr, ch);
-    for (i64 co = 0; co < s.Cout; ++co) {
-      mean[co] = running_mean[co];
-      invstd[co] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(running_var[co]) + eps));
-    }
+    for (i64 co = 0; co < s.Cout; ++co)
+      running_stats_of(co, eps, running_mean, running_var, mean, invstd);
   }
   normalize_relu<V>(s, z, gamma, beta, mean, invstd, y, relu);
 }
