@@ -13,6 +13,7 @@
 #include "cpu/add_relu.h"
 #include "cpu/conv1d_bn_relu.h"
 #include "cpu/isa.h"
+#include "cpu/pack_cache.h"
 #include "cpu/threads.h"
 
 namespace py = pybind11;
@@ -247,6 +248,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("fma_peak_gflops", &fma_peak, py::arg("isa") = py::none(), py::arg("seconds") = 0.3,
         "float32 multiply-add peak (GFLOP/s) of one instruction set ('generic', 'avx2', "
         "'avx512'; default: the kernels' own) on kernel_threads() threads, measured now");
+  m.def(
+      "pack_cache_stats",
+      [] {
+        size_t n = 0, bytes = 0;
+        fusedres::pack_cache_stats(&n, &bytes);
+        return py::make_tuple(n, bytes);
+      },
+      "(entries, bytes) of the inference forward's packed-weight cache (csrc/cpu/pack_cache.h)");
+  m.def("pack_cache_clear", &fusedres::pack_cache_clear,
+        "Drops the inference forward's cached packed weights");
   m.def("conv1d_bn_relu_forward_train", &forward_train, py::arg("data"), py::arg("weight"),
         py::arg("bias"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("z"), py::arg("mean"), py::arg("invstd"), py::arg("out"),

@@ -512,3 +512,85 @@ def test_depthwise_infinite_first_output_gives_the_references_statistics(dtype, 
     assert np.all(np.isposinf(z[0, :, 0]))
     assert np.all(np.isposinf(mean)) and np.all(np.isposinf(rrm)), (mean, rrm)
     np.testing.assert_array_equal(np.isposinf(rm), np.isposinf(rrm))
+
+
+def _infer(d, dtype, eps=1e-5):
+    n, co = d["x"].shape[0], d["w"].shape[0]
+    y = np.full((n, co, d["lout"]), np.nan, dtype)
+    _C.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                    d["rv"], y, d["stride"], d["pad"], d["dil"], d["groups"], eps)
+    return y
+
+
+PACK_CACHED = [ConvCase(2, 64, 40, 96, 3, 1, 1, 1, 1, True),   # dense: cached
+               ConvCase(2, 7, 97, 5, 4, 2, 3, 2, 1, True),     # odd everything
+               ConvCase(2, 4, 50, 6, 3, 5, 1, 1, 2, True)]     # gathered windows
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", PACK_CACHED, ids=_id)
+def test_inference_reuses_packed_weights_only_while_every_input_is_unchanged(shape, dtype):
+    """The inference forward keeps its packed, BN-folded weights between calls (csrc/cpu/
+    pack_cache.h), keyed by the weight's address. Each input changed in place, at the same
+    address, must give the new result, as must eps and the instruction set."""
+    _C.pack_cache_clear()
+    d = _make(shape, dtype, seed=11)
+    first = _infer(d, dtype)
+    again = _infer(d, dtype)        # second sighting: stored
+    assert _C.pack_cache_stats()[0] == 1
+    np.testing.assert_array_equal(_infer(d, dtype), first)   # from the cache, bit for bit
+    np.testing.assert_array_equal(again, first)
+    rng = np.random.default_rng(3)
+    for name in ("w", "bias", "gamma", "beta", "rm", "rv"):
+        arr = d[name]
+        flat = arr.reshape(-1)
+        i = rng.integers(flat.size)
+        flat[i] = flat[i] * 1.5 + 0.25 if name != "rv" else flat[i] * 2.0   # one element
+        _check(_infer(d, dtype), _ref_forward(d, is_train=False)[0], _tol(dtype) * 4,
+               f"y after {name} changed in place")
+        _check(_infer(d, dtype), _ref_forward(d, is_train=False)[0], _tol(dtype) * 4,
+               f"y after {name} changed in place (cached again)")
+    _check(_infer(d, dtype, eps=0.5), _ref_forward(d, is_train=False, eps=0.5)[0],
+           _tol(dtype) * 4, "y with another eps")
+    before = _infer(d, dtype)
+    for other in ISAS[1:]:   # another instruction set packs for its own tile height
+        import os
+        old = os.environ.get("FUSEDRES_CPU_ISA")
+        os.environ["FUSEDRES_CPU_ISA"] = other
+        try:
+            _check(_infer(d, dtype), _ref_forward(d, is_train=False)[0], _tol(dtype) * 4,
+                   f"y on {other} after another instruction set's call")
+        finally:
+            if old is None:
+                del os.environ["FUSEDRES_CPU_ISA"]
+            else:
+                os.environ["FUSEDRES_CPU_ISA"] = old
+    np.testing.assert_array_equal(_infer(d, dtype), before)
+    # A different weight array at another address: its own entry, its own result.
+    d2 = dict(d, w=np.ascontiguousarray(d["w"][::-1]))
+    _check(_infer(d2, dtype), _ref_forward(d2, is_train=False)[0], _tol(dtype) * 4, "y, w2")
+    _C.pack_cache_clear()
+    assert _C.pack_cache_stats() == (0, 0)
+
+
+def test_pack_cache_can_be_turned_off_and_never_holds_a_non_finite_fold():
+    import subprocess
+    code = ("import glob, importlib.util, numpy as np\n"
+            f"so = sorted(glob.glob({str(ROOT / 'fusedres' / '_C*.so')!r}))[0]\n"
+            "spec = importlib.util.spec_from_file_location('fusedres._C', so)\n"
+            "C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)\n"
+            "x = np.ones((1, 8, 20), np.float32); w = np.ones((8, 8, 3), np.float32)\n"
+            "g, b, m, v = (np.ones(8, np.float32) for _ in range(4))\n"
+            "y = np.empty((1, 8, 20), np.float32)\n"
+            "for _ in range(3): C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
+            "print(C.pack_cache_stats()[0])\n"
+            "g[0] = np.inf\n"
+            "C.pack_cache_clear()\n"
+            "for _ in range(3): C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
+            "print(C.pack_cache_stats()[0])\n")
+    import os
+    import sys as _sys
+    run = lambda env: subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True,
+                                     env={**os.environ, **env}, check=True).stdout.split()
+    assert run({"FUSEDRES_PACK_CACHE_MB": "0"}) == ["0", "0"]
+    assert run({}) == ["1", "0"]   # cached; an infinite gamma folds nothing and stores nothing

@@ -9,12 +9,31 @@
 #include <cstring>
 
 #include "cpu/conv1d_bn_relu.h"
+#include "cpu/pack_cache.h"
 
 namespace fusedres {
 namespace FUSEDRES_ISA_NS {
 namespace {
 
 using i64 = int64_t;
+
+#if defined(FUSEDRES_ISA_AVX512)
+constexpr i64 kIsaId = 2;
+#elif defined(FUSEDRES_ISA_AVX2)
+constexpr i64 kIsaId = 1;
+#else
+constexpr i64 kIsaId = 0;
+#endif
+
+// A pack_cache lookup held for the scope (the entry stays valid until then).
+struct PackCacheRef {
+  PackCacheLookup l;
+  PackCacheRef(const Span* in, int n, size_t result_bytes)
+      : l(pack_cache_find(in, n, result_bytes)) {}
+  ~PackCacheRef() { pack_cache_release(l.entry); }
+  PackCacheRef(const PackCacheRef&) = delete;
+  PackCacheRef& operator=(const PackCacheRef&) = delete;
+};
 
 FR_INLINE i64 imin(i64 a, i64 b) { return a < b ? a : b; }
 FR_INLINE i64 imax(i64 a, i64 b) { return a > b ? a : b; }

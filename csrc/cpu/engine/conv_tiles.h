@@ -216,19 +216,34 @@ void run_conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
 }
 
 // Packs w viewed as W[g][o][i][k] (o < rows_g output rows, i < nci inputs, k over taps) into
-// [g][cb][tap][i][MR]; `get(g, o, i, k)` returns the weight.
-template <class V, typename F>
+// [g][cb][tap][i][MR]; `get(g, o, i, k)` returns the weight. BY_ROW: visit the weights a whole
+// output row o at a time (i, then tap, innermost), the order of memory when get reads
+// w[o][i][k] (the forward); else tap, i, then the MR rows innermost (the data gradient's
+// transposed weights, whose rows o are adjacent in memory). Same packed values either way.
+template <class V, bool BY_ROW, typename F>
 void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk, F get) {
+  using T = typename V::T;
   constexpr int MR = V::MR;
-  const i64 ncb = cdiv(rows, MR);
+  const i64 ncb = cdiv(rows, MR), blk = i64(ntaps) * nci * MR;
   for (i64 g = 0; g < G; ++g)
-    for (i64 cb = 0; cb < ncb; ++cb)
-      for (int t = 0; t < ntaps; ++t)
-        for (i64 i = 0; i < nci; ++i)
-          for (int r = 0; r < MR; ++r) {
-            const i64 o = cb * MR + r;
-            *wp++ = o < rows ? get(g, o, i, tapk[t]) : typename V::T(0);
-          }
+    for (i64 cb = 0; cb < ncb; ++cb) {
+      T* b = wp + (g * ncb + cb) * blk;
+      if (BY_ROW) {
+        for (int r = 0; r < MR; ++r) {
+          const i64 o = cb * MR + r;
+          for (i64 i = 0; i < nci; ++i)
+            for (int t = 0; t < ntaps; ++t)
+              b[(i64(t) * nci + i) * MR + r] = o < rows ? get(g, o, i, tapk[t]) : T(0);
+        }
+      } else {
+        for (int t = 0; t < ntaps; ++t)
+          for (i64 i = 0; i < nci; ++i)
+            for (int r = 0; r < MR; ++r) {
+              const i64 o = cb * MR + r;
+              *b++ = o < rows ? get(g, o, i, tapk[t]) : T(0);
+            }
+      }
+    }
 }
 
 // Output-position chunking shared by the forward passes: a unit is (n, chunk).

@@ -14,7 +14,7 @@ void pack_forward(const Conv1dShape& s, const typename V::T* w, typename V::T* w
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
+  pack_weights<V, true>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
     return w[((g * cout_g + o) * cin_g + i) * K + k];
   });
 }
@@ -104,39 +104,72 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
   normalize_relu<V>(s, z, gamma, beta, mean, invstd, y, relu);
 }
 
-template <typename T>
-void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,
-                        const T* beta, const T* running_mean, const T* running_var, double eps,
-                        T* y, bool relu) {
-  using V = typename VecOf<T>::type;
+// The inference forward's folded weights: the packed w * scale, then the folded bias b'.
+// Returns whether every value is finite.
+template <class V>
+bool fold_and_pack(const Conv1dShape& s, const typename V::T* w, const typename V::T* bias,
+                   const typename V::T* gamma, const typename V::T* beta,
+                   const typename V::T* running_mean, const typename V::T* running_var,
+                   double eps, typename V::T* wp, typename V::T* bf) {
+  using T = typename V::T;
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
-  Buf<T> bf(s.Cout);
-  bool finite = fold_bn(s, bias, gamma, beta, running_mean, running_var, eps, scale.p, bf.p);
-  Buf<T> wp(packed_size_forward<V>(s));
+  bool finite = fold_bn(s, bias, gamma, beta, running_mean, running_var, eps, scale.p, bf);
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V>(wp.p, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
+  pack_weights<V, true>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
     const i64 co = g * cout_g + o;
     const T v = static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
     finite = finite && std::isfinite(v);
     return v;
   });
-  if (!finite) {
-    // A scale or folded weight that is infinite or NaN (gamma = inf, a NaN statistic, ...):
-    // fold nothing and normalize the conv output in BatchNorm's own order, which gives what
-    // the stock blocks give. running_mean/var are only read (no batch statistics).
-    Buf<T> mean(s.Cout), invstd(s.Cout);
-    forward_train_impl<T>(s, x, w, bias, gamma, beta, const_cast<T*>(running_mean),
-                          const_cast<T*>(running_var), eps, 0.0, false, y, mean.p, invstd.p, y,
-                          relu);
-    return;
+  return finite;
+}
+
+template <typename T>
+void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* bias, const T* gamma,
+                        const T* beta, const T* running_mean, const T* running_var, double eps,
+                        T* y, bool relu) {
+  using V = typename VecOf<T>::type;
+  const i64 np = packed_size_forward<V>(s), C = s.Cout;
+  // The folded weights depend on these inputs only (pack_cache.h): the same bytes give the
+  // same packed weights, so a stored copy is reused instead of packing again.
+  const i64 hdr[] = {kIsaId, i64(sizeof(T)), V::MR, s.Cout, s.Cin, s.K, s.groups};
+  const size_t tb = sizeof(T), cb = size_t(C) * tb;
+  const Span in[] = {{w, size_t(C * (s.Cin / s.groups) * s.K) * tb},
+                     {hdr, sizeof hdr},
+                     {&eps, sizeof eps},
+                     {bias, bias ? cb : 0},
+                     {gamma, cb},
+                     {beta, cb},
+                     {running_mean, cb},
+                     {running_var, cb}};
+  const int nin = int(sizeof in / sizeof in[0]);
+  const size_t result_bytes = size_t(np + C) * tb;
+  const PackCacheRef cached(in, nin, result_bytes);
+  Buf<T> own(cached.l.data ? 0 : np + C);
+  const T* wp = cached.l.data ? static_cast<const T*>(cached.l.data) : own.p;
+  if (!cached.l.data) {
+    const bool finite = fold_and_pack<V>(s, w, bias, gamma, beta, running_mean, running_var, eps,
+                                         own.p, own.p + np);
+    if (!finite) {
+      // A scale or folded weight that is infinite or NaN (gamma = inf, a NaN statistic, ...):
+      // fold nothing and normalize the conv output in BatchNorm's own order, which gives what
+      // the stock blocks give. running_mean/var are only read (no batch statistics).
+      Buf<T> mean(s.Cout), invstd(s.Cout);
+      forward_train_impl<T>(s, x, w, bias, gamma, beta, const_cast<T*>(running_mean),
+                            const_cast<T*>(running_var), eps, 0.0, false, y, mean.p, invstd.p, y,
+                            relu);
+      return;
+    }
+    if (cached.l.store) pack_cache_store(in, nin, own.p, result_bytes);
   }
+  const T* bf = wp + np;
   const Chunks ch = make_chunks(s.N, s.Lout(), V::NR * V::W, s.Cin * s.stride * i64(sizeof(T)));
   if (relu)
-    conv_forward_all<V, E_RELU>(s, x, wp.p, bf.p, y, nullptr, ch);
+    conv_forward_all<V, E_RELU>(s, x, wp, bf, y, nullptr, ch);
   else
-    conv_forward_all<V, E_STORE>(s, x, wp.p, bf.p, y, nullptr, ch);
+    conv_forward_all<V, E_STORE>(s, x, wp, bf, y, nullptr, ch);
 }
 
 }  // namespace
