@@ -357,3 +357,37 @@ def test_input_from_an_mkldnn_operator(use_native):
     plain = mx.nd.array(h.asnumpy())
     assert_close(fused(h).asnumpy(), fused(plain).asnumpy(), np.float32, "conv1d_bn_relu")
     assert_close(join(h, h).asnumpy(), join(plain, plain).asnumpy(), np.float32, "add_relu")
+
+
+@pytest.mark.parametrize("static_alloc", [False, True])
+def test_inference_follows_training_updates_and_set_data(static_alloc):
+    """Inference calls between training steps see the updated weights and running statistics
+    (the CPU kernels keep packed weights between inference calls: csrc/cpu/pack_cache.h), and a
+    Parameter's set_data, in every hybridization the user may pick; checked against the
+    reference on the block's current parameters (stock MKLDNN blocks refuse set_data after an
+    inference: docs/mxnet-facts.md)."""
+    fused = ConvBNReLU1D(24, 3, in_channels=16, padding=1)
+    fused.initialize()
+    _random_init(fused, 4)
+    fused.hybridize(static_alloc=static_alloc)
+    trainer = gluon.Trainer(fused.collect_params(), "sgd", {"learning_rate": 0.5})
+    x = mx.nd.random.normal(shape=(3, 16, 40))
+
+    def expected():
+        p = {n.split("_", 1)[1]: v.data().asnumpy().astype(np.float64)
+             for n, v in fused.collect_params().items()}
+        return R.conv1d_bn_relu_forward(x.asnumpy().astype(np.float64), p["weight"], p["bias"],
+                                        p["gamma"], p["beta"], p["running_mean"],
+                                        p["running_var"], pad=1, is_train=False)[0]
+
+    for step in range(3):
+        for _ in range(2):   # twice: the second call can come from the kept weights
+            assert_close(fused(x).asnumpy(), expected(), "float32", f"inference, step {step}")
+        with autograd.record():
+            loss = (fused(x) * mx.nd.arange(40)).sum()
+        loss.backward()
+        trainer.step(3)
+    fused.weight.set_data(fused.weight.data() * -0.5)
+    fused.running_var.set_data(fused.running_var.data() * 3)
+    for _ in range(2):
+        assert_close(fused(x).asnumpy(), expected(), "float32", "inference after set_data")
