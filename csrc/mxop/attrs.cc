@@ -79,6 +79,22 @@ bool parse_bool(const nnvm::NodeAttrs& attrs, const char* name, bool fallback) {
   fail("TypeError", std::string(name) + " must be a bool, got '" + *raw + "'");
 }
 
+// One of `choices`, as Python's str() writes the string (quotes allowed).
+std::string parse_choice(const nnvm::NodeAttrs& attrs, const char* name,
+                         const std::vector<std::string>& choices, const std::string& fallback) {
+  const std::string* raw = find_attr(attrs, name);
+  if (raw == nullptr) return fallback;
+  std::string s = strip(*raw);
+  if (s.size() >= 2 && (s.front() == '\'' || s.front() == '"') && s.back() == s.front())
+    s = s.substr(1, s.size() - 2);
+  std::string list;
+  for (const auto& c : choices) {
+    if (s == c) return s;
+    list += (list.empty() ? "'" : ", '") + c + "'";
+  }
+  fail("ValueError", std::string(name) + " must be one of " + list + ", got '" + *raw + "'");
+}
+
 }  // namespace
 
 void fail(const char* kind, const std::string& message) {
@@ -116,6 +132,24 @@ ConvAttrs parse_conv_attrs(const nnvm::NodeAttrs& attrs) {
   const std::string err = check_conv_attrs(a);
   if (!err.empty()) fail("ValueError", err);
   a.momentum = static_cast<double>(static_cast<float>(a.momentum));
+  return a;
+}
+
+PoolAttrs parse_pool_attrs(const nnvm::NodeAttrs& attrs) {
+  check_known_attrs(attrs, {"kernel", "stride", "pad", "pool_type", "pooling_convention",
+                            "count_include_pad"},
+                    "_fusedres_pool1d");
+  PoolAttrs a;
+  a.kernel = parse_int(attrs, "kernel", true, 0);
+  a.stride = parse_int(attrs, "stride", false, a.stride);
+  a.pad = parse_int(attrs, "pad", false, a.pad);
+  a.max = parse_choice(attrs, "pool_type", {"max", "avg"}, "max") == "max";
+  a.full = parse_choice(attrs, "pooling_convention", {"valid", "full"}, "valid") == "full";
+  a.count_include_pad = parse_bool(attrs, "count_include_pad", a.count_include_pad);
+  for (const auto& check : {std::make_pair("kernel", conv_int_error("kernel", a.kernel, 1)),
+                            std::make_pair("stride", conv_int_error("stride", a.stride, 1)),
+                            std::make_pair("pad", conv_int_error("pad", a.pad, 0))})
+    if (!check.second.empty()) fail("ValueError", check.second);
   return a;
 }
 

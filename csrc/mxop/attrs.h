@@ -19,6 +19,15 @@ namespace mxop {
 // float32 as MXNet's BatchNorm holds it.
 ConvAttrs parse_conv_attrs(const nnvm::NodeAttrs& attrs);
 
+// The pool1d op's attributes (csrc/cpu/pool1d.h), parsed and checked: kernel >= 1, stride >= 1,
+// 0 <= pad, pool_type 'max' or 'avg', pooling_convention 'valid' or 'full',
+// count_include_pad (average only).
+struct PoolAttrs {
+  int64_t kernel = 0, stride = 1, pad = 0;
+  bool max = true, full = false, count_include_pad = true;
+};
+PoolAttrs parse_pool_attrs(const nnvm::NodeAttrs& attrs);
+
 // Refuses attributes an op does not have (MXNet's own "__...__" ones are ignored).
 void check_known_attrs(const nnvm::NodeAttrs& attrs, const std::vector<std::string>& known,
                        const char* op);

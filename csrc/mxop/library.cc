@@ -112,6 +112,35 @@ void register_add() {
                    const BlobVec&)>::make<&add_backward>());
 }
 
+void register_pool() {
+  nnvm::Op* f = new_op(kPoolOp);
+  f->describe("1-D max or average pooling of NCW data, as Pooling computes it (fusedres).");
+  f->add_argument("data", "NDArray-or-Symbol", "");
+  f->set_num_inputs(1);
+  f->set_num_outputs(1);
+  set_attr(f, "FListInputNames",
+           Fn<std::vector<std::string>(const Attrs&)>::make<&pool_input_names>());
+  set_attr(
+      f, "FInferShape",
+      Fn<bool(const Attrs&, mxnet::ShapeVector*, mxnet::ShapeVector*)>::make<&pool_infer_shape>());
+  set_attr(f, "FInferType",
+           Fn<bool(const Attrs&, std::vector<int>*, std::vector<int>*)>::make<&pool_infer_type>());
+  set_attr(f, "FCompute<cpu>",
+           Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
+                   const BlobVec&)>::make<&pool_forward>());
+  set_attr(f, "FGradient",
+           Fn<std::vector<nnvm::NodeEntry>(
+               const nnvm::ObjectPtr&, const std::vector<nnvm::NodeEntry>&)>::make<&pool_gradient>());
+
+  nnvm::Op* b = new_op(kPoolBackwardOp);
+  b->set_num_inputs(3);
+  b->set_num_outputs(1);
+  set_attr(b, "TIsBackward", true);
+  set_attr(b, "FCompute<cpu>",
+           Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
+                   const BlobVec&)>::make<&pool_backward>());
+}
+
 void register_layout_copy() {
   nnvm::Op* f = new_op(kLayoutCopyOp);
   f->describe("data copied into a new array in the default layout (fusedres).");
@@ -152,6 +181,7 @@ extern "C" __attribute__((visibility("default"))) const char* fusedres_mxop_regi
     register_conv();
     register_add();
     register_layout_copy();
+    register_pool();
   } catch (const std::exception& e) {
     g_error = e.what();
     return g_error.c_str();

@@ -6,6 +6,8 @@
 //     use_global_stats, relu (see fusedres/ops/attrs.py); running_mean and running_var are
 //     auxiliary states (FMutateInputs), updated in place by a training forward.
 //   _fusedres_add_relu(lhs, rhs)
+//   _fusedres_pool1d(data): 1-D max/average pooling (kernel, stride, pad, pool_type,
+//     pooling_convention, count_include_pad)
 //   _fusedres_layout_copy(data): a copy in the default layout, the CustomOps' guard
 // All are CPU ops with MXNet's full contract: OpReqType for every output (write, in place,
 // add, null) and OpContext::is_train in every executor.
@@ -31,6 +33,8 @@ extern const char kConvBackwardOp[];
 extern const char kAddOp[];
 extern const char kAddBackwardOp[];
 extern const char kLayoutCopyOp[];
+extern const char kPoolOp[];
+extern const char kPoolBackwardOp[];
 
 // conv1d_bn_relu
 uint32_t conv_num_inputs(const nnvm::NodeAttrs& attrs);
@@ -61,6 +65,18 @@ void add_backward(const nnvm::NodeAttrs& attrs, const OpContext& ctx, const Blob
                   const ReqVec& req, const BlobVec& out);
 std::vector<nnvm::NodeEntry> add_gradient(const nnvm::ObjectPtr& node,
                                           const std::vector<nnvm::NodeEntry>& ograds);
+
+// pool1d
+std::vector<std::string> pool_input_names(const nnvm::NodeAttrs& attrs);
+bool pool_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
+                      mxnet::ShapeVector* out);
+bool pool_infer_type(const nnvm::NodeAttrs& attrs, std::vector<int>* in, std::vector<int>* out);
+void pool_forward(const nnvm::NodeAttrs& attrs, const OpContext& ctx, const BlobVec& in,
+                  const ReqVec& req, const BlobVec& out);
+void pool_backward(const nnvm::NodeAttrs& attrs, const OpContext& ctx, const BlobVec& in,
+                   const ReqVec& req, const BlobVec& out);
+std::vector<nnvm::NodeEntry> pool_gradient(const nnvm::ObjectPtr& node,
+                                           const std::vector<nnvm::NodeEntry>& ograds);
 
 // layout_copy (the CustomOps' guard)
 std::vector<std::string> copy_input_names(const nnvm::NodeAttrs& attrs);

@@ -28,6 +28,7 @@ import mxnet as mx
 LIBRARY_NAME = "libfusedres_mxop.so"
 CONV1D_BN_RELU = "_fusedres_conv1d_bn_relu"
 ADD_RELU = "_fusedres_add_relu"
+POOL1D = "_fusedres_pool1d"
 LAYOUT_COPY = "_fusedres_layout_copy"  # the CustomOps' guard on the CPU (fusedres/ops/custom.py)
 
 # C++ symbols the library takes from libmxnet, in the old-ABI mangling it was built for.
@@ -136,7 +137,7 @@ def _make_frontends():
     frontend generators (MXNet made its own ops' functions at import, before these existed)."""
     from mxnet.ndarray.register import _make_ndarray_function
     from mxnet.symbol.register import _make_symbol_function
-    for name in (CONV1D_BN_RELU, ADD_RELU, LAYOUT_COPY):
+    for name in (CONV1D_BN_RELU, ADD_RELU, POOL1D, LAYOUT_COPY):
         handle = mx.base.OpHandle()
         mx.base.check_call(mx.base._LIB.NNGetOpHandle(mx.base.c_str(name), ctypes.byref(handle)))
         setattr(mx.nd._internal, name, _make_ndarray_function(handle, name, name))
@@ -175,5 +176,16 @@ def add_relu(F, lhs, rhs, name=None):
     return getattr(F._internal, ADD_RELU)(lhs, rhs, **kw)
 
 
+def pool1d(F, data, kernel, stride, pad, pool_type, pooling_convention, count_include_pad,
+           name=None):
+    """1-D max or average pooling of NCW data by the MXNet operator (MXNet's Pooling rules)."""
+    load()
+    kw = {} if name is None else {"name": name}
+    return getattr(F._internal, POOL1D)(data, kernel=kernel, stride=stride, pad=pad,
+                                        pool_type=pool_type,
+                                        pooling_convention=pooling_convention,
+                                        count_include_pad=count_include_pad, **kw)
+
+
 __all__ = ["available", "load", "library_path", "libmxnet_abi", "conv1d_bn_relu", "add_relu",
-           "CONV1D_BN_RELU", "ADD_RELU", "LAYOUT_COPY"]
+           "pool1d", "CONV1D_BN_RELU", "ADD_RELU", "POOL1D", "LAYOUT_COPY"]
