@@ -18,6 +18,7 @@ import numpy as np
 from mxnet.gluon import Block, HybridBlock, nn
 
 from .nn import ConvBN1D, ConvBNReLU1D
+from .nn.pooling import pool1d_from
 
 _PARAM_MAP_ATTR = "_fusedres_param_map"
 
@@ -26,10 +27,14 @@ _PARAM_MAP_ATTR = "_fusedres_param_map"
 class FuseReport:
     fused: list = field(default_factory=list)  # (path, description)
     left: list = field(default_factory=list)   # (path, reason)
+    pooling: list = field(default_factory=list)  # (path, description): stock 1-D pooling swapped
 
     def __str__(self):
         lines = [f"fused {len(self.fused)} Conv1D->BatchNorm(->relu) run(s)"]
         lines += [f"  {path}: {what}" for path, what in self.fused]
+        if self.pooling:
+            lines.append(f"replaced {len(self.pooling)} 1-D pooling block(s)")
+            lines += [f"  {path}: {what}" for path, what in self.pooling]
         if self.left:
             lines.append(f"left {len(self.left)} unchanged")
             lines += [f"  {path}: {why}" for path, why in self.left]
@@ -103,11 +108,27 @@ def _describe(conv, bn, act):
             f"{'ConvBNReLU1D' if relu else 'ConvBN1D'}")
 
 
+def _pooling(child, path, report):
+    """fusedres's pooling block in place of a stock nn.MaxPool1D/AvgPool1D (NCW, not global):
+    the same function, without MXNet's slow oneDNN pooling of plain arrays (fusedres.nn.pooling).
+    None for any other block."""
+    new = pool1d_from(child)
+    if new is not None:
+        report.pooling.append((path, f"{child.name} ({type(child).__name__}) as "
+                                     f"fusedres.nn.{type(new).__name__}"))
+    return new
+
+
 def _fuse_sequential(seq, path, report, trace):
     items = list(seq._children.items())
     out, i = [], 0
     while i < len(items):
         _, child = items[i]
+        pool = _pooling(child, f"{path}{i}", report)
+        if pool is not None:
+            out.append(pool)
+            i += 1
+            continue
         nxt = [c for _, c in items[i + 1:i + 3]]
         bn = nxt[0] if nxt else None
         act = nxt[1] if len(nxt) > 1 and _is_relu(nxt[1]) else None
@@ -252,13 +273,19 @@ def _fuse_tree(block, path, report, trace):
         _fuse_sequential(block, path, report, trace)
         return
     for name, child in list(block._children.items()):
+        pool = _pooling(child, f"{path}{name}", report)
+        if pool is not None:  # the same function: safe whatever the forward code does
+            _set_child(block, name, pool)
+            continue
         _fuse_tree(child, f"{path}{name}.", report, trace)
     if type(block) not in (Block, HybridBlock) and block._children:
         _fuse_custom(block, path, report, trace)
 
 
 def fuse(net, sample=None):
-    """Replace every fusable ``Conv1D -> BatchNorm (-> relu)`` run in ``net`` in place.
+    """Replace every fusable ``Conv1D -> BatchNorm (-> relu)`` run in ``net`` in place, and
+    every stock ``nn.MaxPool1D``/``nn.AvgPool1D`` (NCW) with fusedres's (same function; MXNet's
+    own 1-D pooling is slow on the plain arrays the fused ops produce).
 
     Parameters
     ----------

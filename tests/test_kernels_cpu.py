@@ -582,11 +582,13 @@ def test_pack_cache_can_be_turned_off_and_never_holds_a_non_finite_fold():
             "x = np.ones((1, 8, 20), np.float32); w = np.ones((8, 8, 3), np.float32)\n"
             "g, b, m, v = (np.ones(8, np.float32) for _ in range(4))\n"
             "y = np.empty((1, 8, 20), np.float32)\n"
-            "for _ in range(3): C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
+            "for _ in range(3):\n"
+            "    C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
             "print(C.pack_cache_stats()[0])\n"
             "g[0] = np.inf\n"
             "C.pack_cache_clear()\n"
-            "for _ in range(3): C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
+            "for _ in range(3):\n"
+            "    C.conv1d_bn_relu_forward_infer(x, w, None, g, b, m, v, y, 1, 1, 1, 1, 1e-5)\n"
             "print(C.pack_cache_stats()[0])\n")
     import os
     import sys as _sys

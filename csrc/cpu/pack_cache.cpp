@@ -33,6 +33,18 @@ struct Entry {
   size_t bytes() const { return in_bytes + result_bytes; }
 };
 
+// Entries live in malloc'd memory: no sized operator delete (CXXABI_1.3.9), which the MXNet
+// operator library, linked with these objects, must not need (csrc/mxop/libstdcxx_compat.cc).
+Entry* new_entry() {
+  void* p = std::malloc(sizeof(Entry));
+  return p ? new (p) Entry : nullptr;
+}
+
+void free_entry(Entry* e) {
+  e->~Entry();
+  std::free(e);
+}
+
 struct Cache {
   std::mutex mu;
   Entry* slot[kSlots] = {};
@@ -63,7 +75,7 @@ void drop(Cache& c, int i) {
   if (e->refs > 0)
     e->dead = true;
   else
-    delete e;
+    free_entry(e);
 }
 
 int find_slot(Cache& c, const void* key) {
@@ -118,7 +130,7 @@ PackCacheLookup pack_cache_find(const Span* in, int n, size_t result_bytes) {
     const int i = find_slot(c, in[0].p);
     if (i < 0) {  // first sighting of this address: remember it, store nothing yet
       const int j = free_slot(c);
-      c.slot[j] = new (std::nothrow) Entry;
+      c.slot[j] = new_entry();
       if (c.slot[j]) {
         c.slot[j]->key = in[0].p;
         c.slot[j]->used = ++c.tick;
@@ -150,7 +162,7 @@ void pack_cache_release(void* entry) {
   Cache& c = cache();
   Entry* e = static_cast<Entry*>(entry);
   std::lock_guard<std::mutex> lock(c.mu);
-  if (--e->refs == 0 && e->dead) delete e;
+  if (--e->refs == 0 && e->dead) free_entry(e);
 }
 
 void pack_cache_store(const Span* in, int n, const void* result, size_t bytes) {
@@ -158,7 +170,7 @@ void pack_cache_store(const Span* in, int n, const void* result, size_t bytes) {
   size_t in_bytes = 0;
   for (int s = 0; s < n; ++s) in_bytes += in[s].bytes;
   if (in_bytes + bytes > capacity()) return;
-  Entry* e = new (std::nothrow) Entry;
+  Entry* e = new_entry();
   if (!e) return;
   e->key = in[0].p;
   e->has_result = true;
@@ -166,7 +178,7 @@ void pack_cache_store(const Span* in, int n, const void* result, size_t bytes) {
   e->inputs = static_cast<unsigned char*>(std::malloc(in_bytes ? in_bytes : 1));
   e->result = static_cast<unsigned char*>(std::malloc(bytes ? bytes : 1));
   if (!e->inputs || !e->result) {  // no memory for a cache entry: run without it
-    delete e;
+    free_entry(e);
     return;
   }
   unsigned char* q = e->inputs;

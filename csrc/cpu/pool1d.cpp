@@ -2,7 +2,7 @@
 // (and the gradient sums of overlapping windows) is the same for any thread count.
 #include "pool1d.h"
 
-#include <cfloat>
+#include <limits>
 #include <cstring>
 
 #include "threads.h"
@@ -44,7 +44,8 @@ template <typename T>
 inline T window_out(const Pool1dShape& s, const T* xr, int64_t j) {
   const Window w = window(s, j);
   if (s.max) {
-    T m = T(-FLT_MAX);  // MXNet's start: NaN never compares greater, so it is skipped
+    T m = std::numeric_limits<T>::lowest();  // MXNet's start: NaN never compares greater, so it is
+                                             // skipped
     for (int64_t i = w.a; i < w.b; ++i) m = xr[i] > m ? xr[i] : m;
     return m;
   }
@@ -67,7 +68,7 @@ void pool1d_forward(const Pool1dShape& s, const T* x, T* y) {
     if (s.max) {
       for (int64_t j = j0; j < j1; ++j) {
         const T* p = xr + j * S - s.pad;
-        T m = T(-FLT_MAX);
+        T m = std::numeric_limits<T>::lowest();
         for (int64_t k = 0; k < K; ++k) m = p[k] > m ? p[k] : m;
         yr[j] = m;
       }
@@ -97,10 +98,10 @@ void pool1d_backward(const Pool1dShape& s, const T* dy, const T* x, T* dx) {
       const Window w = window(s, j);
       if (w.a >= w.b) continue;
       if (s.max) {
-        // The first position holding the max; the window's first when none beats -FLT_MAX
+        // The first position holding the max; the window's first when none beats the lowest value
         // (all NaN or -inf), as MXNet's oneDNN pooling routes it.
         int64_t at = w.a;
-        T m = T(-FLT_MAX);
+        T m = std::numeric_limits<T>::lowest();
         for (int64_t i = w.a; i < w.b; ++i)
           if (xr[i] > m) {
             m = xr[i];

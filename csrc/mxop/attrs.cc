@@ -136,9 +136,9 @@ ConvAttrs parse_conv_attrs(const nnvm::NodeAttrs& attrs) {
 }
 
 PoolAttrs parse_pool_attrs(const nnvm::NodeAttrs& attrs) {
-  check_known_attrs(attrs, {"kernel", "stride", "pad", "pool_type", "pooling_convention",
-                            "count_include_pad"},
-                    "_fusedres_pool1d");
+  check_known_attrs(
+      attrs, {"kernel", "stride", "pad", "pool_type", "pooling_convention", "count_include_pad"},
+      "_fusedres_pool1d");
   PoolAttrs a;
   a.kernel = parse_int(attrs, "kernel", true, 0);
   a.stride = parse_int(attrs, "stride", false, a.stride);

@@ -128,9 +128,10 @@ void register_pool() {
   set_attr(f, "FCompute<cpu>",
            Fn<void(const Attrs&, const OpContext&, const BlobVec&, const ReqVec&,
                    const BlobVec&)>::make<&pool_forward>());
-  set_attr(f, "FGradient",
-           Fn<std::vector<nnvm::NodeEntry>(
-               const nnvm::ObjectPtr&, const std::vector<nnvm::NodeEntry>&)>::make<&pool_gradient>());
+  set_attr(
+      f, "FGradient",
+      Fn<std::vector<nnvm::NodeEntry>(
+          const nnvm::ObjectPtr&, const std::vector<nnvm::NodeEntry>&)>::make<&pool_gradient>());
 
   nnvm::Op* b = new_op(kPoolBackwardOp);
   b->set_num_inputs(3);

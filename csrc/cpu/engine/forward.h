@@ -109,8 +109,8 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
 template <class V>
 bool fold_and_pack(const Conv1dShape& s, const typename V::T* w, const typename V::T* bias,
                    const typename V::T* gamma, const typename V::T* beta,
-                   const typename V::T* running_mean, const typename V::T* running_var,
-                   double eps, typename V::T* wp, typename V::T* bf) {
+                   const typename V::T* running_mean, const typename V::T* running_var, double eps,
+                   typename V::T* wp, typename V::T* bf) {
   using T = typename V::T;
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
