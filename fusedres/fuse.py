@@ -9,6 +9,8 @@ found in ``Sequential``/``HybridSequential`` containers by position, and among t
 custom Blocks by tracing one forward pass (``sample=``), since their ``forward`` code is not
 visible. What was fused and what was left, and why, comes back as a ``FuseReport``.
 """
+import inspect
+import json
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import Block, HybridBlock, nn
 
+from . import ops
 from .nn import ConvBN1D, ConvBNReLU1D
 from .nn.pooling import pool1d_from
 
@@ -26,8 +29,10 @@ _PARAM_MAP_ATTR = "_fusedres_param_map"
 @dataclass
 class FuseReport:
     fused: list = field(default_factory=list)  # (path, description)
+    root: object = field(default=None, repr=False, compare=False)
     left: list = field(default_factory=list)   # (path, reason)
     pooling: list = field(default_factory=list)  # (path, description): stock 1-D pooling swapped
+    joins: list = field(default_factory=list)  # (path, description): relu(a + b) in forward code
 
     def __str__(self):
         lines = [f"fused {len(self.fused)} Conv1D->BatchNorm(->relu) run(s)"]
@@ -35,6 +40,9 @@ class FuseReport:
         if self.pooling:
             lines.append(f"replaced {len(self.pooling)} 1-D pooling block(s)")
             lines += [f"  {path}: {what}" for path, what in self.pooling]
+        if self.joins:
+            lines.append(f"fused {len(self.joins)} residual join(s) relu(a + b) in forward code")
+            lines += [f"  {path}: {what}" for path, what in self.joins]
         if self.left:
             lines.append(f"left {len(self.left)} unchanged")
             lines += [f"  {path}: {why}" for path, why in self.left]
@@ -262,6 +270,91 @@ def _fuse_custom(block, path, report, trace):
         report.fused.append((f"{path}{name}", _describe(conv, bn, act)))
 
 
+def _added(sym):
+    """(lhs, rhs) when sym is the single output of an elementwise add, else None."""
+    if not isinstance(sym, mx.sym.Symbol) or len(sym.list_outputs()) != 1:
+        return None
+    graph = json.loads(sym.tojson())
+    node = graph["nodes"][graph["heads"][0][0]]
+    if node["op"] not in ("elemwise_add", "_Plus", "_plus"):
+        return None
+    children = sym.get_children()
+    if children is None or len(children.list_outputs()) != 2:
+        return None
+    return children[0], children[1]
+
+
+class _JoinSymbols:
+    """``mx.sym`` as a custom HybridBlock's hybrid_forward sees it after fuse(): the same module,
+    except that a relu of an elementwise add (``F.relu(a + b)``, ``F.Activation(a + b,
+    act_type='relu')``: the residual join of a hand-written block) builds fusedres's add+relu
+    from the add's own inputs, one pass instead of two. Everything else is mx.sym itself."""
+
+    def __init__(self, block):
+        self._block, self.rewrites = block, 0
+
+    def __getattr__(self, name):
+        return getattr(mx.sym, name)
+
+    def _join(self, data, kwargs):
+        pair = _added(data)
+        if pair is None or set(kwargs) - {"name"}:
+            return None
+        self.rewrites += 1
+        ctx = None
+        for p in self._block.collect_params().values():
+            try:
+                ctx = p.list_ctx()[0]
+                break
+            except RuntimeError:  # not initialized yet
+                continue
+        return ops.run_add_relu(mx.sym, pair[0], pair[1], name=kwargs.get("name"), ctx=ctx)
+
+    def relu(self, data, **kwargs):
+        joined = self._join(data, kwargs)
+        return joined if joined is not None else mx.sym.relu(data, **kwargs)
+
+    def Activation(self, data=None, act_type=None, **kwargs):
+        joined = self._join(data, kwargs) if act_type == "relu" else None
+        return joined if joined is not None else mx.sym.Activation(data, act_type=act_type,
+                                                                   **kwargs)
+
+
+def _fuse_joins(block, path, report, outside):
+    """Makes a custom HybridBlock's symbolic forward (hybridized: what runs) build its relu(a + b)
+    joins as fusedres's add+relu, when one symbolic pass of its forward has such a join. Same
+    function; imperative calls run the code as written. outside: ids of the Parameters of blocks
+    outside this one (a block sharing them is left alone)."""
+    if not isinstance(block, HybridBlock) or "hybrid_forward" in block.__dict__:
+        return
+    if any(id(p) in outside for p in block.collect_params().values()):
+        return
+    forward = block.hybrid_forward
+    try:
+        params = [p for p in inspect.signature(forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return
+    inputs = [p.name for p in params[1:] if p.name not in block._reg_params]  # after F
+    if len(inputs) != 1:  # the probe below feeds one input
+        return
+    probe = _JoinSymbols(block)
+    try:
+        forward(probe, mx.sym.var(inputs[0]),
+                **{n: p.var() for n, p in block._reg_params.items()})
+    except Exception:  # noqa: BLE001  (a forward we cannot run symbolically: leave it)
+        return
+    if not probe.rewrites:
+        return
+
+    def hybrid_forward(F, *args, **kwargs):
+        return forward(_JoinSymbols(block) if F is mx.sym else F, *args, **kwargs)
+    object.__setattr__(block, "hybrid_forward", hybrid_forward)
+    report.joins.append((path.rstrip(".") or "(the model)",
+                         f"{probe.rewrites} relu(a + b) in {type(block).__name__}."
+                         "hybrid_forward as fused add+relu (hybridized)"))
+
+
 def _set_child(block, name, child):
     # Block.__setattr__ refuses to change an attribute's type, so set both places directly.
     block._children[name] = child
@@ -280,6 +373,22 @@ def _fuse_tree(block, path, report, trace):
         _fuse_tree(child, f"{path}{name}.", report, trace)
     if type(block) not in (Block, HybridBlock) and block._children:
         _fuse_custom(block, path, report, trace)
+        _fuse_joins(block, path, report, _outside_params(report.root, block))
+
+
+def _outside_params(root, block):
+    """ids of the Parameters held by blocks of root outside block's subtree."""
+    inside = {id(b) for b in _walk(block)}
+    found = set()
+
+    def visit(b):
+        if id(b) in inside:
+            return
+        found.update(id(p) for p in b._reg_params.values())
+        for c in b._children.values():
+            visit(c)
+    visit(root)
+    return found
 
 
 def fuse(net, sample=None):
@@ -306,6 +415,7 @@ def fuse(net, sample=None):
     (``save_parameters`` names change where blocks were merged).
     """
     report = FuseReport()
+    report.root = net
     before = {}  # a shared Parameter has several structural names
     for name, p in net._collect_params_with_prefix().items():
         before.setdefault(id(p), []).append(name)

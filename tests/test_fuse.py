@@ -240,3 +240,56 @@ def test_fuse_after_stock_mkldnn_inference(monkeypatch, native):
         want = net(x).asnumpy()
     fusedres.fuse(net)
     assert_close(net(x).asnumpy(), want, np.float32, "after fuse")
+
+
+class _ActJoin(gluon.HybridBlock):
+    """A hand-written BasicBlock: relu(body(x) + x) by F.Activation, and a second join whose
+    sum is also returned (the add must stay)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = nn.HybridSequential()
+            self.body.add(nn.Conv1D(5, 3, padding=1), nn.BatchNorm(), nn.Activation("relu"),
+                          nn.Conv1D(5, 3, padding=1), nn.BatchNorm())
+
+    def hybrid_forward(self, F, x):
+        y = F.Activation(self.body(x) + x, act_type="relu")
+        s = y + x
+        return F.relu(s) * 2 + s
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_fuse_residual_joins_in_forward_code(hybridize):
+    x = mx.nd.random.normal(shape=(3, 5, 19))
+
+    def make():
+        net = nn.HybridSequential()
+        net.add(_Res(), _ActJoin())
+        return net
+
+    stock, fused = _clone(make, x)
+    report = fusedres.fuse(fused, sample=x)
+    assert [p for p, _ in report.joins] == ["0", "1"], str(report)
+    assert "fused 2 residual join(s)" in str(report)
+    if hybridize:
+        stock.hybridize()
+        fused.hybridize(static_alloc=True)
+    _compare(stock, fused, x, fused._fusedres_param_map)
+    if hybridize:
+        graph = fused._cached_graph[1].tojson()
+        assert graph.count('"op": "_fusedres_add_relu"') + graph.count(
+            '"op_type": "fusedres_add_relu"') == 3
+    fusedres.fuse(fused, sample=x)   # a second fuse() changes nothing more
+    _compare(stock, fused, x, fused._fusedres_param_map)
+
+
+def test_fuse_leaves_joins_of_blocks_sharing_parameters_outside():
+    x = mx.nd.random.normal(shape=(2, 5, 11))
+    net = nn.HybridSequential()
+    a = _Res()
+    b = _Res(params=a.collect_params())
+    net.add(a, nn.Conv1D(5, 3, padding=1, params=a.conv.collect_params()), b)
+    net.initialize()
+    report = fusedres.fuse(net, sample=x)
+    assert not report.joins, str(report)
