@@ -33,6 +33,8 @@ SHAPES = {
     "m1s2b": (16, 128, 128, 256, 1, 2, 0, 1, 1),
     "m1s2c": (16, 256, 64, 512, 1, 2, 0, 1, 1),
     "m512": (16, 512, 32, 512, 3, 1, 1, 1, 1),
+    # the sweep's slowest training row against stock (bench/results_sweep.md)
+    "c16k9": (32, 16, 2048, 16, 9, 1, 4, 1, 1),
 }
 
 

@@ -116,6 +116,9 @@ SMALL = [
     ConvCase(2, 12, 45, 20, 3, 2, 2, 2, 4, False),        # 3 in, 5 out per group, s2 d2
     ConvCase(2, 4, 1100, 8, 5, 2, 2, 1, 4, True),         # depthwise, unmasked tiles over phases
     ConvCase(2, 3, 40, 30, 3, 1, 1, 1, 3, True),          # multiplier 10: the dense engine
+    ConvCase(2, 16, 90, 20, 9, 2, 4, 1, 1, True),         # 16 in: row dots on AVX-512 float
+    ConvCase(2, 13, 70, 11, 5, 1, 2, 2, 1, False),        # 13 in, dilation 2
+    ConvCase(2, 34, 60, 18, 3, 1, 1, 1, 2, True),         # 17 in per group: the tiles
     # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
     ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
 ]

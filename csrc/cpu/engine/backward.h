@@ -385,7 +385,9 @@ template <typename T>
 void conv_bwd_weight_rows(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   using V = typename VecOf<T>::type;
   const i64 Lo = s.Lout(), G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
-  constexpr i64 CB = 8;  // output channels per item
+  // Output channels per item: 8, fewer when that leaves a thread without an item.
+  i64 CB = 8;
+  while (CB > 1 && G * cdiv(cout_g, CB) < omp_get_max_threads()) CB /= 2;
   const i64 ncb = cdiv(cout_g, CB), items = G * ncb;
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
@@ -423,7 +425,14 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
   if (dx) conv_bwd_data(s, dz, w, dx);
   if (dw) {
-    if (2 * (s.Cin / s.groups) <= VecOf<T>::type::W)
+    // Up to how many input channels per group the weight gradient goes by row dots: half a
+    // vector, and a whole one for AVX-512 float (W = 16), where the transposed-input tile of
+    // one vector ran 1.2-1.7x slower than the row dots (A/B in one build, 2 threads: (32,16,2048)
+    // k9 6.3 -> 3.9 ms, k3 1.5 -> 1.3, (16,16,2048) k9 -> 64 11.5 -> 6.7; 24 or more channels,
+    // AVX2, and float64 are faster by the tiles).
+    using V = typename VecOf<T>::type;
+    constexpr i64 rows_max = V::W == 16 ? V::W : V::W / 2;
+    if (s.Cin / s.groups <= rows_max)
       conv_bwd_weight_rows(s, dz, x, dw);
     else
       conv_bwd_weight(s, dz, x, dw);
