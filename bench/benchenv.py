@@ -69,13 +69,39 @@ def sgemm_peak_gflops():
     return 2 * 2048 ** 3 / np.median(times) / 1e9
 
 
+_PEAK_PROBE = """
+import glob, importlib.util, json, sys
+so = sorted(glob.glob(sys.argv[1] + "/_C*.so"))[0]
+spec = importlib.util.spec_from_file_location("fusedres._C", so)
+C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(C)
+own = C.cpu_isa()
+isas = json.loads(sys.argv[2])
+print(json.dumps([own, {i: max(C.fma_peak_gflops(i, seconds=0.3) for _ in range(3))
+                        for i in isas[:isas.index(own) + 1]}]))
+"""
+
+
 def fma_peaks():
     """{isa: GFLOP/s} of every instruction set the kernels may run (up to fusedres._C.cpu_isa(),
-    the kernels' own), best of 3 probes of 0.3 s on the kernels' threads."""
-    from fusedres import _C
-    own = _C.cpu_isa()
-    return own, {isa: max(_C.fma_peak_gflops(isa, seconds=0.3) for _ in range(3))
-                 for isa in ISAS[:ISAS.index(own) + 1]}
+    the kernels' own), best of 3 probes of 0.3 s on the kernels' threads.
+
+    Probed in a process of its own: an OpenMP parallel region on this process's main thread
+    (the probe's) leaves libgomp managing more threads than there are processors, after which
+    its idle threads stop spinning early (its throttled spin) and every MXNet operator's
+    parallel region pays a futex wake-up: MXNet's per-call floor went from 0.025 to 0.11-0.14 ms
+    for the rest of the process (measured, 2 processors), which slowed every MXNet contender's
+    small calls, fused and stock, and none of PyTorch's (docs/mxnet-facts.md)."""
+    import json
+    import subprocess
+    import sys
+
+    import fusedres
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(Path(fusedres.__file__).parent),
+                          json.dumps(ISAS)], capture_output=True, text=True, check=True,
+                         env=os.environ).stdout
+    own, peaks = json.loads(out.strip().splitlines()[-1])
+    return own, peaks
 
 
 def best_peaks(runs):
