@@ -89,18 +89,36 @@ struct Scratch {
   }
 };
 
+// Outputs j in [*ja, *jb) read inside the row for tap offset off (p = j * stride + off).
+inline void inside(int64_t off, int64_t stride, int64_t L, int64_t Lo, int64_t* ja, int64_t* jb) {
+  const int64_t a = off >= 0 ? 0 : (-off + stride - 1) / stride;        // p >= 0
+  const int64_t b = L - 1 - off >= 0 ? (L - 1 - off) / stride + 1 : 0;  // p < L
+  *ja = a < Lo ? a : Lo;
+  *jb = b < Lo ? (b > *ja ? b : *ja) : Lo;
+}
+
 template <typename T>
 void gather_windows(const Conv1dShape& s, const T* x, T* xg) {
-  const int64_t Lo = s.Lout(), rows = s.N * s.Cin;
+  const int64_t Lo = s.Lout(), rows = s.N * s.Cin, K = s.K, S = s.stride;
 #pragma omp parallel for schedule(static) if (rows * Lo * s.K > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * s.L;
-    T* gr = xg + r * Lo * s.K;
-    for (int64_t j = 0; j < Lo; ++j)
-      for (int64_t k = 0; k < s.K; ++k) {
-        const int64_t p = j * s.stride - s.pad + k * s.dilation;
-        gr[j * s.K + k] = p >= 0 && p < s.L ? xr[p] : T(0);
+    T* gr = xg + r * Lo * K;
+    for (int64_t k = 0; k < K; ++k) {
+      // tap k of window j reads p = j * stride - pad + k * dilation: zero outside the row,
+      // a branch-free strided copy inside it (a 1x1 strided projection: one such loop)
+      const int64_t off = k * s.dilation - s.pad;
+      int64_t ja, jb;
+      inside(off, S, s.L, Lo, &ja, &jb);
+      for (int64_t j = 0; j < ja; ++j) gr[j * K + k] = T(0);
+      const T* src = xr + (ja * S + off);  // p of window ja (inside the row when ja < jb)
+      if (K == 1) {
+        for (int64_t j = ja; j < jb; ++j) gr[j] = src[(j - ja) * S];
+      } else {
+        for (int64_t j = ja; j < jb; ++j) gr[j * K + k] = src[(j - ja) * S];
       }
+      for (int64_t j = jb; j < Lo; ++j) gr[j * K + k] = T(0);
+    }
   }
 }
 
