@@ -126,17 +126,19 @@ void gather_windows(const Conv1dShape& s, const T* x, T* xg) {
 // kernel is wider than the stride).
 template <typename T>
 void scatter_windows(const Conv1dShape& s, const T* dxg, T* dx) {
-  const int64_t Lo = s.Lout(), rows = s.N * s.Cin;
+  const int64_t Lo = s.Lout(), rows = s.N * s.Cin, K = s.K, S = s.stride;
 #pragma omp parallel for schedule(static) if (rows * Lo * s.K > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     T* dr = dx + r * s.L;
     const T* gr = dxg + r * Lo * s.K;
     std::memset(dr, 0, size_t(s.L) * sizeof(T));
-    for (int64_t j = 0; j < Lo; ++j)
-      for (int64_t k = 0; k < s.K; ++k) {
-        const int64_t p = j * s.stride - s.pad + k * s.dilation;
-        if (p >= 0 && p < s.L) dr[p] += gr[j * s.K + k];
-      }
+    for (int64_t k = 0; k < K; ++k) {  // tap by tap, as gather_windows reads them
+      const int64_t off = k * s.dilation - s.pad;
+      int64_t ja, jb;
+      inside(off, S, s.L, Lo, &ja, &jb);
+      T* dst = dr + (ja * S + off);
+      for (int64_t j = ja; j < jb; ++j) dst[(j - ja) * S] += gr[j * K + k];
+    }
   }
 }
 
