@@ -293,3 +293,23 @@ def test_fuse_leaves_joins_of_blocks_sharing_parameters_outside():
     net.initialize()
     report = fusedres.fuse(net, sample=x)
     assert not report.joins, str(report)
+
+
+class _BranchOnF(gluon.HybridBlock):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv = nn.Conv1D(5, 3, padding=1)
+
+    def hybrid_forward(self, F, x):
+        if F is mx.nd:
+            return F.relu(self.conv(x) + x)
+        return F.relu(self.conv(x) + x)
+
+
+def test_fuse_leaves_joins_of_forward_code_that_tests_F():
+    net = nn.HybridSequential()
+    net.add(_BranchOnF())
+    net.initialize()
+    report = fusedres.fuse(net, sample=mx.nd.ones((1, 5, 8)))
+    assert not report.joins, str(report)

@@ -218,3 +218,26 @@ def test_float16_and_use_native_false_take_mxnets_pooling():
     native.hybridize()
     native(x)
     assert "_fusedres_pool1d" in native._cached_graph[1].tojson()
+
+
+def test_windows_past_the_padding_and_a_rebuilt_graph_for_another_dtype():
+    # ceil_mode with stride > kernel: the last window starts past the row (MXNet: an average of
+    # 0, a max of the lowest value)
+    x = mx.nd.arange(1, 6).reshape((1, 1, 5)).astype("float64")
+    for kind in ("max", "avg"):
+        c = dict(kernel=1, stride=3, pad=0, ceil_mode=True, count_include_pad=True)
+        stock, fused = _blocks(kind, c)
+        np.testing.assert_array_equal(fused(x).asnumpy(), stock(x).asnumpy())
+    block = MaxPool1D(3, 2, 1)
+    block.hybridize()
+    y = mx.nd.random.normal(shape=(2, 3, 12))
+    block(y)
+    np.testing.assert_array_equal(block(y.astype("float16")).asnumpy(),
+                                  nn.MaxPool1D(3, 2, 1)(y.astype("float16")).asnumpy())
+    np.testing.assert_array_equal(block(y).asnumpy(), nn.MaxPool1D(3, 2, 1)(y).asnumpy())
+
+
+def test_fuse_leaves_pooling_the_operator_refuses():
+    net = nn.HybridSequential()
+    net.add(nn.MaxPool1D(2, 1, padding=2))
+    assert not fusedres.fuse(net).pooling

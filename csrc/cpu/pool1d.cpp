@@ -51,7 +51,7 @@ inline T window_out(const Pool1dShape& s, const T* xr, int64_t j) {
   }
   T sum = T(0);
   for (int64_t i = w.a; i < w.b; ++i) sum += xr[i];
-  return w.count > 0 ? sum / T(w.count) : T(0);
+  return w.count > 0 ? sum / T(w.count) : T(0);  // a window wholly past the row: 0, as MXNet
 }
 
 template <typename T>

@@ -24,6 +24,7 @@ class _Pool1D:
             raise ValueError(f"layout must be 'NCW', got {layout!r}")
         self._use_native = use_native
         self._ctx_hint = None
+        self._graph_key = None
 
     def forward(self, x, *args):
         self._ctx_hint = x.context if isinstance(x, mx.nd.NDArray) else None
@@ -33,6 +34,11 @@ class _Pool1D:
                                  f"{x.shape}")
             if x.dtype not in (np.float32, np.float64):
                 self._ctx_hint = "stock"   # float16 and others: MXNet's Pooling
+            # A graph built for another device or dtype would run the other implementation.
+            key = (x.context.device_type, self._ctx_hint == "stock")
+            if self._active and key != self._graph_key:
+                self._clear_cached_op()
+            self._graph_key = key
         with translate_errors():
             return super().forward(x, *args)
 
@@ -85,8 +91,8 @@ def pool1d_from(block):
     if type(block) not in (nn.MaxPool1D, nn.AvgPool1D):
         return None
     k = block._kwargs
-    if k["layout"] != "NCW" or k["global_pool"]:
-        return None
+    if k["layout"] != "NCW" or k["global_pool"] or k["pad"][0] >= k["kernel"][0]:
+        return None  # (pad >= kernel: refused by the operator; left to MXNet's own check)
     common = dict(pool_size=k["kernel"], strides=k["stride"], padding=k["pad"],
                   ceil_mode=k["pooling_convention"] == "full", prefix=block.prefix)
     if type(block) is nn.MaxPool1D:
