@@ -70,11 +70,10 @@ def sgemm_peak_gflops():
 
 
 _PEAK_PROBE = """
-import glob, importlib.util, json, sys
-so = sorted(glob.glob(sys.argv[1] + "/_C*.so"))[0]
-spec = importlib.util.spec_from_file_location("fusedres._C", so)
-C = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(C)
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kernel_timing import load_c
+C = load_c()
 own = C.cpu_isa()
 isas = json.loads(sys.argv[2])
 print(json.dumps([own, {i: max(C.fma_peak_gflops(i, seconds=0.3) for _ in range(3))
@@ -96,10 +95,8 @@ def fma_peaks():
     import subprocess
     import sys
 
-    import fusedres
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(Path(fusedres.__file__).parent),
-                          json.dumps(ISAS)], capture_output=True, text=True, check=True,
-                         env=os.environ).stdout
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(HERE), json.dumps(ISAS)],
+                         capture_output=True, text=True, check=True, env=os.environ).stdout
     own, peaks = json.loads(out.strip().splitlines()[-1])
     return own, peaks
 

@@ -22,6 +22,7 @@ from mxnet.gluon import Block, HybridBlock, nn
 
 from . import ops
 from .nn import ConvBN1D, ConvBNReLU1D
+from .nn.basic import params_context
 from .nn.pooling import pool1d_from
 
 _PARAM_MAP_ATTR = "_fusedres_param_map"
@@ -302,13 +303,7 @@ class _JoinSymbols:
         if pair is None or set(kwargs) - {"name"}:
             return None
         self.rewrites += 1
-        ctx = None
-        for p in self._block.collect_params().values():
-            try:
-                ctx = p.list_ctx()[0]
-                break
-            except RuntimeError:  # not initialized yet
-                continue
+        ctx = params_context(self._block.collect_params().values())
         return ops.run_add_relu(mx.sym, pair[0], pair[1], name=kwargs.get("name"), ctx=ctx)
 
     def relu(self, data, **kwargs):

@@ -15,17 +15,6 @@ namespace mxop {
 const char kAddOp[] = "_fusedres_add_relu";
 const char kAddBackwardOp[] = "_backward_fusedres_add_relu";
 
-namespace {
-
-template <typename F>
-void by_dtype(int type_flag, F&& f) {
-  if (type_flag == mshadow::kFloat32) return f(float{});
-  if (type_flag == mshadow::kFloat64) return f(double{});
-  fail("TypeError", std::string("lhs must be float32 or float64, got ") + dtype_name(type_flag));
-}
-
-}  // namespace
-
 std::vector<std::string> add_input_names(const nnvm::NodeAttrs&) { return {"lhs", "rhs"}; }
 
 bool add_infer_shape(const nnvm::NodeAttrs& attrs, mxnet::ShapeVector* in,
@@ -62,7 +51,7 @@ std::vector<std::pair<int, int>> add_backward_inplace(const nnvm::NodeAttrs&) { 
 
 void add_forward(const nnvm::NodeAttrs&, const OpContext&, const BlobVec& in, const ReqVec& req,
                  const BlobVec& out) {
-  by_dtype(in[0].type_flag_, [&](auto tag) {
+  by_dtype(in[0].type_flag_, "lhs", [&](auto tag) {
     using T = decltype(tag);
     Target<T> y(out[0], req[0]);
     if (!y.ptr()) return;
@@ -75,7 +64,7 @@ void add_forward(const nnvm::NodeAttrs&, const OpContext&, const BlobVec& in, co
 // in: dy, y; out: d lhs, d rhs.
 void add_backward(const nnvm::NodeAttrs&, const OpContext&, const BlobVec& in, const ReqVec& req,
                   const BlobVec& out) {
-  by_dtype(in[0].type_flag_, [&](auto tag) {
+  by_dtype(in[0].type_flag_, "lhs", [&](auto tag) {
     using T = decltype(tag);
     Target<T> da(out[0], req[0]), db(out[1], req[1]);
     fusedres::add_relu_backward<T>(int64_t(in[0].shape_.Size()), in[0].dptr<T>(), in[1].dptr<T>(),

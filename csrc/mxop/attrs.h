@@ -35,5 +35,15 @@ void check_known_attrs(const nnvm::NodeAttrs& attrs, const std::vector<std::stri
 std::string shape_str(const mxnet::TShape& s);
 const char* dtype_name(int type_flag);
 
+// Calls f(float{}) or f(double{}) for a float32 or float64 type flag; else a TypeError naming
+// `what` (the input whose dtype it is).
+template <typename F>
+void by_dtype(int type_flag, const char* what, F&& f) {
+  if (type_flag == mshadow::kFloat32) return f(float{});
+  if (type_flag == mshadow::kFloat64) return f(double{});
+  fail("TypeError",
+       std::string(what) + " must be float32 or float64, got " + dtype_name(type_flag));
+}
+
 }  // namespace mxop
 }  // namespace fusedres

@@ -145,18 +145,6 @@ mxnet::OpStatePtr mxnet::OpStatePtr::Create<fusedres::mxop::ConvState, const fus
 
 namespace fusedres {
 namespace mxop {
-namespace {
-
-template <typename F>
-void by_dtype(int type_flag, const char* what, F&& f) {
-  if (type_flag == mshadow::kFloat32) return f(float{});
-  if (type_flag == mshadow::kFloat64) return f(double{});
-  fail("TypeError",
-       std::string(what) + " must be float32 or float64, got " + dtype_name(type_flag));
-}
-
-}  // namespace
-
 uint32_t conv_num_inputs(const nnvm::NodeAttrs& attrs) { return parse_no_bias(attrs) ? 6 : 7; }
 
 uint32_t conv_backward_num_inputs(const nnvm::NodeAttrs& attrs) {

@@ -17,13 +17,6 @@ const char kPoolBackwardOp[] = "_backward_fusedres_pool1d";
 
 namespace {
 
-template <typename F>
-void by_dtype(int type_flag, F&& f) {
-  if (type_flag == mshadow::kFloat32) return f(float{});
-  if (type_flag == mshadow::kFloat64) return f(double{});
-  fail("TypeError", std::string("data must be float32 or float64, got ") + dtype_name(type_flag));
-}
-
 Pool1dShape pool_shape(const PoolAttrs& a, const mxnet::TShape& x) {
   Pool1dShape s;
   s.rows = int64_t(x[0]) * int64_t(x[1]);
@@ -69,7 +62,7 @@ bool pool_infer_type(const nnvm::NodeAttrs&, std::vector<int>* in, std::vector<i
 void pool_forward(const nnvm::NodeAttrs& attrs, const OpContext&, const BlobVec& in,
                   const ReqVec& req, const BlobVec& out) {
   const Pool1dShape s = pool_shape(parse_pool_attrs(attrs), in[0].shape_);
-  by_dtype(in[0].type_flag_, [&](auto tag) {
+  by_dtype(in[0].type_flag_, "data", [&](auto tag) {
     using T = decltype(tag);
     Target<T> y(out[0], req[0]);
     if (!y.ptr()) return;
@@ -82,7 +75,7 @@ void pool_forward(const nnvm::NodeAttrs& attrs, const OpContext&, const BlobVec&
 void pool_backward(const nnvm::NodeAttrs& attrs, const OpContext&, const BlobVec& in,
                    const ReqVec& req, const BlobVec& out) {
   const Pool1dShape s = pool_shape(parse_pool_attrs(attrs), in[1].shape_);
-  by_dtype(in[0].type_flag_, [&](auto tag) {
+  by_dtype(in[0].type_flag_, "data", [&](auto tag) {
     using T = decltype(tag);
     Target<T> dx(out[0], req[0]);
     if (!dx.ptr()) return;

@@ -15,6 +15,16 @@ def _single(value, name, minimum=0):
     return parse_int(value, name, minimum)
 
 
+def params_context(params):
+    """The context of the first initialized Parameter of params, or None."""
+    for p in params:
+        try:
+            return p.list_ctx()[0]
+        except RuntimeError:  # not initialized yet
+            continue
+    return None
+
+
 class _FusedBlock(HybridBlock):
     """Base of the fused blocks: knows the data's device when a graph is built (the op's
     implementation depends on it, see fusedres.ops.dispatch) and re-raises validation errors
@@ -52,12 +62,7 @@ class _FusedBlock(HybridBlock):
         """The data's context if this block was called directly, else its parameters'."""
         if self._ctx_hint is not None:
             return self._ctx_hint
-        for p in self.params.values():
-            try:
-                return p.list_ctx()[0]
-            except RuntimeError:  # not initialized yet
-                continue
-        return None
+        return params_context(self.params.values())
 
     def _op_args(self, F):
         return dict(use_native=self._use_native, ctx=None if F is mx.nd else self._context())
