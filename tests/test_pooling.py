@@ -241,3 +241,32 @@ def test_fuse_leaves_pooling_the_operator_refuses():
     net = nn.HybridSequential()
     net.add(nn.MaxPool1D(2, 1, padding=2))
     assert not fusedres.fuse(net).pooling
+
+
+@pytest.mark.parametrize("static_alloc", [False, True])
+def test_between_mkldnn_operators(static_alloc):
+    """Stock (MKLDNN) Conv1D before the pooling and Conv1D after it, forward and backward."""
+    def model(pool):
+        net = nn.HybridSequential()
+        net.add(nn.Conv1D(8, 3, padding=1, in_channels=4), pool,
+                nn.Conv1D(8, 3, padding=1, in_channels=8))
+        return net
+
+    stock, fused = model(nn.MaxPool1D(3, 2, 1)), model(MaxPool1D(3, 2, 1))
+    for net in (stock, fused):
+        net.initialize(mx.init.Xavier())
+    for a, b in zip(stock.collect_params().values(), fused.collect_params().values()):
+        b.set_data(a.data())
+    x = mx.nd.random.normal(shape=(3, 4, 40))
+    out = []
+    for net in (stock, fused):
+        net.hybridize(static_alloc=static_alloc)
+        xi = x.copy()
+        xi.attach_grad()
+        with autograd.record():
+            y = net(xi)
+        y.backward()
+        out.append([y.asnumpy(), xi.grad.asnumpy()] +
+                   [p.grad().asnumpy() for p in net.collect_params().values()])
+    for got, want in zip(out[1], out[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
