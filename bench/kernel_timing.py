@@ -7,6 +7,7 @@ so that machine noise hits both alike.
 """
 import argparse
 import glob
+import importlib.machinery
 import importlib.util
 import os
 import time
@@ -35,11 +36,15 @@ SHAPES = {
     "m512": (16, 512, 32, 512, 3, 1, 1, 1, 1),
     # the sweep's slowest training row against stock (bench/results_sweep.md)
     "c16k9": (32, 16, 2048, 16, 9, 1, 4, 1, 1),
+    # the sweep's rows slower than PyTorch (bench/results_sweep.md)
+    "g4k9": (32, 64, 256, 64, 9, 1, 8, 2, 4),
+    "dwk1s2": (1, 256, 2048, 256, 1, 2, 0, 1, 256),
 }
 
 
 def load_c():
-    so = sorted(glob.glob(str(ROOT / "fusedres" / "_C*.so")))
+    so = [p for sfx in importlib.machinery.EXTENSION_SUFFIXES
+          for p in sorted(glob.glob(str(ROOT / "fusedres" / ("_C" + sfx))))]
     spec = importlib.util.spec_from_file_location("fusedres._C", so[0])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

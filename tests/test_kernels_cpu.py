@@ -10,6 +10,7 @@ need neither MXNet nor the rest of the package to import (conftest.py makes fuse
 importable without MXNet).
 """
 import glob
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def _load(name, path):
 def _load_c():
     if "fusedres._C" in sys.modules:
         return sys.modules["fusedres._C"]
-    so = sorted(glob.glob(str(ROOT / "fusedres" / "_C*.so")))
+    # this interpreter's build only: a tree can hold _C for several Pythons (the wheel checks)
+    so = [p for sfx in importlib.machinery.EXTENSION_SUFFIXES
+          for p in sorted(glob.glob(str(ROOT / "fusedres" / ("_C" + sfx))))]
     if not so:
         pytest.skip("fusedres._C is not built (pip install -e .)", allow_module_level=True)
     return _load("fusedres._C", so[0])
@@ -582,7 +585,7 @@ def test_inference_reuses_packed_weights_only_while_every_input_is_unchanged(sha
 def test_pack_cache_can_be_turned_off_and_never_holds_a_non_finite_fold():
     import subprocess
     code = ("import glob, importlib.util, numpy as np\n"
-            f"so = sorted(glob.glob({str(ROOT / 'fusedres' / '_C*.so')!r}))[0]\n"
+            f"so = {_C.__file__!r}\n"
             "spec = importlib.util.spec_from_file_location('fusedres._C', so)\n"
             "C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)\n"
             "x = np.ones((1, 8, 20), np.float32); w = np.ones((8, 8, 3), np.float32)\n"

@@ -88,7 +88,13 @@ check_one() {
     exit 1
   fi
 
-  PKG="$("$PY" -c 'import fusedres, os; print(os.path.dirname(os.path.realpath(fusedres.__file__)))')"
+  # From the scratch directory: `python -c` puts the working directory first on sys.path, and
+  # from the checkout that is the source tree's fusedres (with its editable build's _C).
+  PKG="$(cd "$RUN" && "$PY" -c 'import fusedres, os; print(os.path.dirname(os.path.realpath(fusedres.__file__)))')"
+  case "$PKG" in
+    "$(cd "$RUN" && "$PY" -c 'import os, sysconfig; print(os.path.realpath(sysconfig.get_paths()["platlib"]))')"/*) ;;
+    *) echo "check_wheel: fusedres imports from $PKG, not from the venv's site-packages" >&2; exit 1 ;;
+  esac
   FAKE="$RUN/root"
   mkdir -p "$FAKE/fusedres" "$FAKE/plugins"
   # The checkout's files outside the package (tests/, examples/, tools/, csrc/, pyproject.toml for
