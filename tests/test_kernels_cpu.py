@@ -122,6 +122,8 @@ SMALL = [
     ConvCase(2, 16, 90, 20, 9, 2, 4, 1, 1, True),         # 16 in: row dots on AVX-512 float
     ConvCase(2, 13, 70, 11, 5, 1, 2, 2, 1, False),        # 13 in, dilation 2
     ConvCase(2, 34, 60, 18, 3, 1, 1, 1, 2, True),         # 17 in per group: the tiles
+    ConvCase(40, 8, 20, 26, 9, 1, 4, 1, 2, True),         # many short rows summed per tile, 13 out
+    ConvCase(3, 6, 29, 10, 4, 3, 7, 2, 2, False),         # pad past the taps, stride 3 dilation 2
     # gathered windows (stride > kernel): a 1x1 strided projection, padding past the row
     ConvCase(2, 6, 33, 10, 1, 2, 0, 1, 1, True),
     ConvCase(2, 5, 20, 7, 2, 5, 3, 2, 1, False),

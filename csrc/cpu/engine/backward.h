@@ -377,33 +377,147 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   }
 }
 
-// conv_bwd_weight for groups of few input channels (below half a vector: the transposed-input
-// tile of conv_bwd_weight would be mostly padding): dw[co, ci, k] = sum over n of the dot of
-// dz row (n, co) with tap k of input row (n, ci), a block of output channels per work item (the
-// items own disjoint weights: deterministic for any thread count).
+// Zero-padded phases of one input row: ph[r * Lq + q] = x[q*S + r - pad] for q in [0, Lq), 0
+// outside [0, L). Tap k over output positions l is then the contiguous window
+// ph[((k*dil) % S) * Lq + (k*dil) / S + l].
+template <typename T>
+void padded_phases(const Conv1dShape& s, const T* xr, i64 Lq, T* ph) {
+  const i64 S = s.stride;
+  for (i64 r = 0; r < S; ++r) {
+    // q*S + r - pad inside [0, L) for q in [qa, qb)
+    const i64 qa = iclamp(cdiv(imax(s.pad - r, 0), S), 0, Lq);
+    const i64 qb = iclamp(s.L + s.pad - r > 0 ? cdiv(s.L + s.pad - r, S) : 0, qa, Lq);
+    T* d = ph + r * Lq;
+    for (i64 q = 0; q < qa; ++q) d[q] = T(0);
+    if (S == 1)
+      std::memcpy(d + qa, xr + qa - s.pad, size_t(qb - qa) * sizeof(T));
+    else
+      for (i64 q = qa; q < qb; ++q) d[q] = xr[q * S + r - s.pad];
+    for (i64 q = qb; q < Lq; ++q) d[q] = T(0);
+  }
+}
+
+// acc[o][k] += dz_o[l] * win_k[l] over l in [0, Lo), lane-wise (OB dz rows against KB tap
+// windows: OB + KB loads for OB * KB multiply-adds).
+template <class V, int OB, int KB>
+FR_INLINE void wrows_acc(const typename V::T* const (&dzr)[OB],
+                         const typename V::T* const (&win)[KB], i64 Lo,
+                         typename V::reg (&acc)[OB][KB]) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  i64 l = 0;
+  for (; l + W <= Lo; l += W) {
+    reg xv[KB];
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) xv[k] = V::load(win[k] + l);
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; ++o) {
+      const reg d = V::load(dzr[o] + l);
+#pragma GCC unroll 8
+      for (int k = 0; k < KB; ++k) acc[o][k] = V::fma(d, xv[k], acc[o][k]);
+    }
+  }
+  if (l < Lo) {
+    // both masked: a zero dz lane against an infinite x lane past the row would be NaN
+    const auto m = V::range(0, int(Lo - l));
+    reg xv[KB];
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) xv[k] = V::loadm(win[k] + l, m);
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; ++o) {
+      const reg d = V::loadm(dzr[o] + l, m);
+#pragma GCC unroll 8
+      for (int k = 0; k < KB; ++k) acc[o][k] = V::fma(d, xv[k], acc[o][k]);
+    }
+  }
+}
+
+// One (OB outputs x KB taps) tile of conv_bwd_weight_rows over the nn rows of a row block:
+// float vectors over the block, then dst[o * ostride + k] += their sums in double.
+template <class V, int OB, int KB>
+void wrows_tile(const typename V::T* const* dz_rows, i64 dz_step, const typename V::T* ph,
+                i64 ph_step, const i64* win_off, i64 nn, i64 Lo, double* dst, i64 ostride, int no) {
+  using T = typename V::T;
+  typename V::reg acc[OB][KB];
+#pragma GCC unroll 8
+  for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) acc[o][k] = V::zero();
+  for (i64 i = 0; i < nn; ++i) {
+    const T* dzr[OB];
+    const T* win[KB];
+    for (int o = 0; o < OB; ++o) dzr[o] = dz_rows[o] + i * dz_step;
+    for (int k = 0; k < KB; ++k) win[k] = ph + i * ph_step + win_off[k];
+    wrows_acc<V, OB, KB>(dzr, win, Lo, acc);
+  }
+  for (int o = 0; o < no; ++o)
+    for (int k = 0; k < KB; ++k) dst[o * ostride + k] += double(V::hsum(acc[o][k]));
+}
+
+// wrows_tile for kb = 1 .. KB taps.
+template <class V, int OB, int KB>
+void wrows_tile_kb(int kb, const typename V::T* const* dz_rows, i64 dz_step,
+                   const typename V::T* ph, i64 ph_step, const i64* win_off, i64 nn, i64 Lo,
+                   double* dst, i64 ostride, int no) {
+  if constexpr (KB > 1) {
+    if (kb < KB)
+      return wrows_tile_kb<V, OB, KB - 1>(kb, dz_rows, dz_step, ph, ph_step, win_off, nn, Lo, dst,
+                                          ostride, no);
+  }
+  wrows_tile<V, OB, KB>(dz_rows, dz_step, ph, ph_step, win_off, nn, Lo, dst, ostride, no);
+}
+
+// conv_bwd_weight for groups of few input channels (the transposed-input tile of
+// conv_bwd_weight would be mostly padding): dw[co, ci, k] = sum over n and l of dz[n, co, l] *
+// tap k of input row (n, ci) at l, in register tiles of OB output rows x KB taps over the
+// zero-padded phases of the input rows, a block of output channels per work item (the items own
+// disjoint weights, and each sums in a fixed order: deterministic for any thread count).
 template <typename T>
 void conv_bwd_weight_rows(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   using V = typename VecOf<T>::type;
+  // OB + KB + OB * KB + 1 registers: 31 of AVX-512's 32 (4 x 6), 13 of AVX2's 16 (3 x 3).
+  constexpr int OB = V::DNR, KB = V::DMR == 6 ? 6 : V::DMR - 1;
   const i64 Lo = s.Lout(), G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
+  const i64 S = s.stride, Lq = Lo + (K - 1) * s.dilation / S + 1;
   // Output channels per item: 8, fewer when that leaves a thread without an item.
   i64 CB = 8;
   while (CB > 1 && G * cdiv(cout_g, CB) < omp_get_max_threads()) CB /= 2;
   const i64 ncb = cdiv(cout_g, CB), items = G * ncb;
+  // Rows summed in float per tile: about 1024 positions (as row_dot), at least one row.
+  const i64 nb = imin(s.N, imax(1, 1024 / imax(Lo, 1)));
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
-    Buf<T> ph(s.stride > 1 ? s.stride * cdiv(s.L, s.stride) : 0);
-    Buf<Tap<T>> taps(K);
+    Buf<T> ph(nb * S * Lq);
     Buf<double> acc(CB * cin_g * K);
+    Buf<i64> win_off(K);
+    for (i64 k = 0; k < K; ++k) win_off.p[k] = (k * s.dilation) % S * Lq + (k * s.dilation) / S;
 #pragma omp for schedule(static)
     for (i64 it = 0; it < items; ++it) {
       const i64 g = it / ncb, o0 = (it % ncb) * CB, no = imin(CB, cout_g - o0);
       std::memset(acc.p, 0, sizeof(double) * size_t(CB * cin_g * K));
-      for (i64 n = 0; n < s.N; ++n)
-        for (i64 ci = 0; ci < cin_g; ++ci) {
-          row_taps(s, x + (n * s.Cin + g * cin_g + ci) * s.L, ph.p, taps.p);
-          for (i64 o = 0; o < no; ++o)
-            tap_dots<V>(dz + (n * s.Cout + g * cout_g + o0 + o) * Lo, Lo, taps.p, K,
-                        acc.p + (o * cin_g + ci) * K);
+      for (i64 ci = 0; ci < cin_g; ++ci)
+        for (i64 n0 = 0; n0 < s.N; n0 += nb) {
+          const i64 nn = imin(nb, s.N - n0);
+          for (i64 i = 0; i < nn; ++i)
+            padded_phases(s, x + ((n0 + i) * s.Cin + g * cin_g + ci) * s.L, Lq, ph.p + i * S * Lq);
+          for (i64 o1 = 0; o1 < no; o1 += OB) {
+            const int ob = int(imin(OB, no - o1));
+            const T* dz_rows[OB];
+            for (int o = 0; o < OB; ++o)  // rows past the block repeat its last (not summed)
+              dz_rows[o] = dz + (n0 * s.Cout + g * cout_g + o0 + o1 + imin(o, ob - 1)) * Lo;
+            for (i64 k0 = 0; k0 < K; k0 += KB) {
+              const int kb = int(imin(KB, K - k0));
+              double* dst = acc.p + ((o1 * cin_g) + ci) * K + k0;
+              if (ob == OB)
+                wrows_tile_kb<V, OB, KB>(kb, dz_rows, s.Cout * Lo, ph.p, S * Lq, win_off.p + k0, nn,
+                                         Lo, dst, cin_g * K, ob);
+              else
+                for (int o = 0; o < ob; ++o)
+                  wrows_tile_kb<V, 1, KB>(kb, dz_rows + o, s.Cout * Lo, ph.p, S * Lq,
+                                          win_off.p + k0, nn, Lo, dst + o * cin_g * K, cin_g * K,
+                                          1);
+            }
+          }
         }
       for (i64 o = 0; o < no; ++o)
         for (i64 i = 0; i < cin_g * K; ++i)
@@ -425,13 +539,13 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
   if (dx) conv_bwd_data(s, dz, w, dx);
   if (dw) {
-    // Up to how many input channels per group the weight gradient goes by row dots: half a
-    // vector, and a whole one for AVX-512 float (W = 16), where the transposed-input tile of
-    // one vector ran 1.2-1.7x slower than the row dots (A/B in one build, 2 threads: (32,16,2048)
-    // k9 6.3 -> 3.9 ms, k3 1.5 -> 1.3, (16,16,2048) k9 -> 64 11.5 -> 6.7; 24 or more channels,
-    // AVX2, and float64 are faster by the tiles).
+    // Up to how many input channels per group the weight gradient goes by the row tiles: a
+    // vector on AVX-512 and for float64, half of one for AVX2 float (A/B of the two paths in one
+    // build, 2 threads, AVX-512: float32 (32,32,1024) k3 tiles 1.06 ms, rows 1.60; float64
+    // (16,8,4096) -> 32 k5 s2 rows 1.91, tiles 3.06, 16 channels about even; AVX2 float32
+    // (16,8,4096) k5 s2 rows 1.61, tiles 1.22; AVX2 float64 4 channels rows 0.13, tiles 0.23).
     using V = typename VecOf<T>::type;
-    constexpr i64 rows_max = V::W == 16 ? V::W : V::W / 2;
+    constexpr i64 rows_max = V::DMR == 6 || sizeof(T) == 8 ? V::W : V::W / 2;
     if (s.Cin / s.groups <= rows_max)
       conv_bwd_weight_rows(s, dz, x, dw);
     else
