@@ -127,6 +127,8 @@ SMALL = [
     # gathered windows (stride > kernel): a 1x1 strided projection, padding past the row
     ConvCase(2, 6, 33, 10, 1, 2, 0, 1, 1, True),
     ConvCase(2, 5, 20, 7, 2, 5, 3, 2, 1, False),
+    ConvCase(2, 7, 41, 9, 1, 3, 1, 1, 1, True),           # 1x1 stride 3, padded
+    ConvCase(2, 8, 45, 8, 1, 2, 0, 1, 8, True),           # depthwise 1x1 stride 2
     # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
     ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
 ]

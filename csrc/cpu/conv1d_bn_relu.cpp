@@ -97,6 +97,36 @@ inline void inside(int64_t off, int64_t stride, int64_t L, int64_t Lo, int64_t* 
   *jb = b < Lo ? (b > *ja ? b : *ja) : Lo;
 }
 
+// dst[j] = src[j * S] for j in [0, n): a loop of constant stride for the common strides, which
+// the compiler vectorizes (shuffles of whole vectors; a runtime stride stays a scalar loop).
+template <typename T>
+inline void strided_copy(const T* src, int64_t S, T* dst, int64_t n) {
+  switch (S) {
+    case 2:
+      for (int64_t j = 0; j < n; ++j) dst[j] = src[2 * j];
+      break;
+    case 3:
+      for (int64_t j = 0; j < n; ++j) dst[j] = src[3 * j];
+      break;
+    case 4:
+      for (int64_t j = 0; j < n; ++j) dst[j] = src[4 * j];
+      break;
+    default:
+      for (int64_t j = 0; j < n; ++j) dst[j] = src[j * S];
+  }
+}
+
+// dst[j * S] += src[j * K] for j in [0, n), constant strides as strided_copy.
+template <typename T>
+inline void strided_add(const T* src, int64_t K, int64_t S, T* dst, int64_t n) {
+  if (K == 1 && S == 2)
+    for (int64_t j = 0; j < n; ++j) dst[2 * j] += src[j];
+  else if (K == 1)
+    for (int64_t j = 0; j < n; ++j) dst[j * S] += src[j];
+  else
+    for (int64_t j = 0; j < n; ++j) dst[j * S] += src[j * K];
+}
+
 template <typename T>
 void gather_windows(const Conv1dShape& s, const T* x, T* xg) {
   const int64_t Lo = s.Lout(), rows = s.N * s.Cin, K = s.K, S = s.stride;
@@ -113,7 +143,7 @@ void gather_windows(const Conv1dShape& s, const T* x, T* xg) {
       for (int64_t j = 0; j < ja; ++j) gr[j * K + k] = T(0);
       const T* src = xr + (ja * S + off);  // p of window ja (inside the row when ja < jb)
       if (K == 1) {
-        for (int64_t j = ja; j < jb; ++j) gr[j] = src[(j - ja) * S];
+        strided_copy(src, S, gr + ja, jb - ja);
       } else {
         for (int64_t j = ja; j < jb; ++j) gr[j * K + k] = src[(j - ja) * S];
       }
@@ -137,7 +167,7 @@ void scatter_windows(const Conv1dShape& s, const T* dxg, T* dx) {
       int64_t ja, jb;
       inside(off, S, s.L, Lo, &ja, &jb);
       T* dst = dr + (ja * S + off);
-      for (int64_t j = ja; j < jb; ++j) dst[(j - ja) * S] += gr[j * K + k];
+      strided_add(gr + ja * K + k, K, S, dst, jb - ja);
     }
   }
 }
