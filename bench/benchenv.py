@@ -5,6 +5,17 @@ half the processors, while the fused kernels and PyTorch (torch.set_num_threads 
 use all of them; the strongest stock baseline a user would deploy sets OMP_NUM_THREADS, so it
 is set to every processor here. An OMP_NUM_THREADS already set is kept (and reported).
 
+Copies: MXNet copies an array of 200000 elements or more between numpy and MXNet (mx.nd.array,
+asnumpy) with an OpenMP parallel region on the calling thread, Python's main one. From then on
+libgomp manages more threads than there are processors and throttles its idle threads' spin,
+and every MXNet operator, stock and (source build) fused, pays a futex wake-up per parallel
+region for the rest of the process: (1, 256, 2048) depthwise 1x1 s2 inference, fused 0.09 ->
+0.24-0.29 ms, stock 4-D 0.32 -> 0.57-0.71 (measured, 2 processors). MXNET_CPU_PARALLEL_SIZE
+above any array's size keeps those copies serial; MXNet reads it once, when it loads, so it is
+set here, before MXNet is imported, unless already set (docs/mxnet-facts.md). The benchmarks
+need such copies (the PyTorch peers' inputs, the checks), and a user can set it too: the
+strongest stock baseline.
+
 Quick runs: FUSEDRES_BENCH_QUICK=1 is a smoke run (3 rounds a row) whose results go to
 $FUSEDRES_BENCH_OUT or /tmp/fusedres-bench-quick, never over the committed files.
 """
@@ -17,6 +28,9 @@ from pathlib import Path
 PRESET = os.environ.get("OMP_NUM_THREADS")
 if PRESET is None:
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+COPY_PRESET = os.environ.get("MXNET_CPU_PARALLEL_SIZE")
+if COPY_PRESET is None:
+    os.environ["MXNET_CPU_PARALLEL_SIZE"] = "2000000000"  # an int in MXNet: at most 2^31 - 1
 
 HERE = Path(__file__).resolve().parent
 QUICK = os.environ.get("FUSEDRES_BENCH_QUICK", "") not in ("", "0")
@@ -35,11 +49,15 @@ def rounds(n):
 
 
 def describe_threads():
-    """How the threads were set, for the results files' headers."""
+    """How the threads and MXNet's copies were set, for the results files' headers."""
     n = os.environ["OMP_NUM_THREADS"]
     if PRESET is None:
-        return f"OMP_NUM_THREADS={n} (set by bench/benchenv.py: every processor, for stock too)"
-    return f"OMP_NUM_THREADS={n} (set by the caller)"
+        threads = f"OMP_NUM_THREADS={n} (set by bench/benchenv.py: every processor, for stock too)"
+    else:
+        threads = f"OMP_NUM_THREADS={n} (set by the caller)"
+    copies = os.environ["MXNET_CPU_PARALLEL_SIZE"]
+    who = "bench/benchenv.py: serial numpy<->MXNet copies" if COPY_PRESET is None else "the caller"
+    return f"{threads}, MXNET_CPU_PARALLEL_SIZE={copies} (set by {who})"
 
 
 ISAS = ["generic", "avx2", "avx512"]

@@ -21,11 +21,11 @@ folded into the conv (PyTorch in a process of its own: bench/peers.py). --reps r
 7) per shape and mode, each contender settling untimed and then timed for a few milliseconds
 in each round (benchmarks.interleaved_times); medians of the timed calls. Every shape and mode
 where fused is slower than a peer is timed again (twice the rounds) in a fresh process that
-times only that shape and mode, and listed with both ratios: in one long MXNet process the
-small calls of every MXNet contender, fused and stock, slow down 2-5x after larger work
-(measured: N1 C16 L256 k3 s2 inference, fused 0.037 -> 0.10-0.15 ms and stock 0.057 -> 0.2-0.45
-ms after big training shapes, PyTorch's process unaffected), which a program running only
-that layer would not see.
+times only that shape and mode, and listed with both ratios. (The small calls of every MXNet
+contender, fused and stock, used to slow down 2-5x in one long process: the numpy copies for
+PyTorch's inputs (asnumpy of 200000 elements or more) ran an OpenMP team on Python's thread,
+which throttles libgomp's idle threads for the rest of the process; bench/benchenv.py now
+keeps those copies serial with MXNET_CPU_PARALLEL_SIZE, and the second timing is a check.)
 """
 import argparse
 import gc
