@@ -39,6 +39,8 @@ SHAPES = {
     # the sweep's rows slower than PyTorch (bench/results_sweep.md)
     "g4k9": (32, 64, 256, 64, 9, 1, 8, 2, 4),
     "dwk1s2": (1, 256, 2048, 256, 1, 2, 0, 1, 256),
+    # the sweep's training row closest to stock (bench/results_sweep.md)
+    "n1c256": (1, 256, 256, 256, 3, 1, 1, 1, 1),
 }
 
 
