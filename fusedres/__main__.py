@@ -45,6 +45,10 @@ def environment():
     from . import _C
     print(f"CPU kernels:     fusedres._C loaded from {os.path.basename(_C.__file__)}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores")
+    copies = os.environ.get("MXNET_CPU_PARALLEL_SIZE")
+    print(f"MXNet copies:    MXNET_CPU_PARALLEL_SIZE={copies or 'unset (MXNet: 200000)'}"
+          + ("" if copies else "; a copy of 200000+ elements to or from numpy can slow every later "
+             "MXNet call: set it to 2000000000 before MXNet loads (README)"))
     ok, why = ops.native.available()
     if ok:
         print(f"MXNet operators: {ops.CONV1D_BN_RELU}, {ops.ADD_RELU} registered from "
