@@ -128,7 +128,9 @@ SMALL = [
     ConvCase(2, 6, 33, 10, 1, 2, 0, 1, 1, True),
     ConvCase(2, 5, 20, 7, 2, 5, 3, 2, 1, False),
     ConvCase(2, 7, 41, 9, 1, 3, 1, 1, 1, True),           # 1x1 stride 3, padded
-    ConvCase(2, 8, 45, 8, 1, 2, 0, 1, 8, True),           # depthwise 1x1 stride 2
+    # depthwise, stride > kernel (gathered): 2 taps, as a depthwise 1-tap weight's exact
+    # gradient under batch statistics is 0 (see above)
+    ConvCase(2, 8, 45, 8, 2, 3, 0, 1, 8, True),
     # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
     ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
 ]
@@ -270,6 +272,32 @@ def test_forward_infer(shape, dtype):
                                     d["rv"], y, d["stride"], d["pad"], d["dil"], d["groups"], 1e-5)
     ry, _, _, _ = _ref_forward(d, is_train=False)
     _check(y, ry, _tol(dtype) * 4, "y")
+
+
+# Depthwise 1x1 with stride (gathered windows, then the depthwise path): a 1-tap depthwise
+# weight's gradient under batch statistics is 0 exactly (the batchnorm cancels its scale), so
+# the backward is compared with running statistics, where it is not.
+DW_1X1_STRIDED = [ConvCase(2, 8, 45, 8, 1, 2, 0, 1, 8, True),
+                  ConvCase(3, 6, 70, 12, 1, 3, 1, 1, 6, False)]
+
+
+@pytest.mark.parametrize("isa", ISAS[1:], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", DW_1X1_STRIDED, ids=_id)
+def test_depthwise_1x1_strided(shape, dtype, isa):
+    d = _make(shape, dtype, seed=11)
+    tol = _tol(dtype)
+    n, co, lout = d["x"].shape[0], d["w"].shape[0], d["lout"]
+    yi = np.full((n, co, lout), np.nan, dtype)
+    _C.conv1d_bn_relu_forward_infer(d["x"], d["w"], d["bias"], d["gamma"], d["beta"], d["rm"],
+                                    d["rv"], yi, d["stride"], d["pad"], d["dil"], d["groups"], 1e-5)
+    _check(yi, _ref_forward(d, is_train=False)[0], tol * 4, "inference y")
+    _, y, _, _, _, _ = _forward_train(d, dtype)
+    _check(y, _ref_forward(d)[0], tol * 4, "training y")
+    want = ("data", "weight", "bias", "gamma", "beta")
+    z, y, mean, invstd, _, _ = _forward_train(d, dtype, batch_stats=False)
+    grads = _backward(d, dtype, z, mean, invstd, False, want)
+    _check_grads(grads, _ref_backward_from(d, z, y, mean, invstd, False), dtype, want)
 
 
 def _ref_backward_from(d, z, y, mean, invstd, batch_stats):

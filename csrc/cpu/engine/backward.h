@@ -389,9 +389,9 @@ void padded_phases(const Conv1dShape& s, const T* xr, i64 Lq, T* ph) {
     const i64 qb = iclamp(s.L + s.pad - r > 0 ? cdiv(s.L + s.pad - r, S) : 0, qa, Lq);
     T* d = ph + r * Lq;
     for (i64 q = 0; q < qa; ++q) d[q] = T(0);
-    if (S == 1)
+    if (S == 1 && qb > qa)
       std::memcpy(d + qa, xr + qa - s.pad, size_t(qb - qa) * sizeof(T));
-    else
+    else if (S > 1)
       for (i64 q = qa; q < qb; ++q) d[q] = xr[q * S + r - s.pad];
     for (i64 q = qb; q < Lq; ++q) d[q] = T(0);
   }
@@ -433,25 +433,30 @@ FR_INLINE void wrows_acc(const typename V::T* const (&dzr)[OB],
 }
 
 // One (OB outputs x KB taps) tile of conv_bwd_weight_rows over the nn rows of a row block:
-// float vectors over the block, then dst[o * ostride + k] += their sums in double.
+// float vectors over at most 1024 positions (the block's rows, or 1024 of one long row), then
+// dst[o * ostride + k] += their sums in double.
 template <class V, int OB, int KB>
 void wrows_tile(const typename V::T* const* dz_rows, i64 dz_step, const typename V::T* ph,
                 i64 ph_step, const i64* win_off, i64 nn, i64 Lo, double* dst, i64 ostride, int no) {
   using T = typename V::T;
-  typename V::reg acc[OB][KB];
+  constexpr i64 CHUNK = 1024;  // a multiple of every W: only a row's last chunk has a tail
+  for (i64 l0 = 0; l0 < Lo; l0 += CHUNK) {
+    const i64 len = imin(CHUNK, Lo - l0);
+    typename V::reg acc[OB][KB];
 #pragma GCC unroll 8
-  for (int o = 0; o < OB; ++o)
+    for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 8
-    for (int k = 0; k < KB; ++k) acc[o][k] = V::zero();
-  for (i64 i = 0; i < nn; ++i) {
-    const T* dzr[OB];
-    const T* win[KB];
-    for (int o = 0; o < OB; ++o) dzr[o] = dz_rows[o] + i * dz_step;
-    for (int k = 0; k < KB; ++k) win[k] = ph + i * ph_step + win_off[k];
-    wrows_acc<V, OB, KB>(dzr, win, Lo, acc);
+      for (int k = 0; k < KB; ++k) acc[o][k] = V::zero();
+    for (i64 i = 0; i < nn; ++i) {
+      const T* dzr[OB];
+      const T* win[KB];
+      for (int o = 0; o < OB; ++o) dzr[o] = dz_rows[o] + i * dz_step + l0;
+      for (int k = 0; k < KB; ++k) win[k] = ph + i * ph_step + win_off[k] + l0;
+      wrows_acc<V, OB, KB>(dzr, win, len, acc);
+    }
+    for (int o = 0; o < no; ++o)
+      for (int k = 0; k < KB; ++k) dst[o * ostride + k] += double(V::hsum(acc[o][k]));
   }
-  for (int o = 0; o < no; ++o)
-    for (int k = 0; k < KB; ++k) dst[o * ostride + k] += double(V::hsum(acc[o][k]));
 }
 
 // wrows_tile for kb = 1 .. KB taps.
@@ -475,7 +480,8 @@ void wrows_tile_kb(int kb, const typename V::T* const* dz_rows, i64 dz_step,
 template <typename T>
 void conv_bwd_weight_rows(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   using V = typename VecOf<T>::type;
-  // OB + KB + OB * KB + 1 registers: 31 of AVX-512's 32 (4 x 6), 13 of AVX2's 16 (3 x 3).
+  // KB + OB * KB + 1 vector registers (the taps, the sums, a dz vector): 31 of AVX-512's 32
+  // (4 x 6), 13 of AVX2's 16 (3 x 3).
   constexpr int OB = V::DNR, KB = V::DMR == 6 ? 6 : V::DMR - 1;
   const i64 Lo = s.Lout(), G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   const i64 S = s.stride, Lq = Lo + (K - 1) * s.dilation / S + 1;
@@ -483,8 +489,9 @@ void conv_bwd_weight_rows(const Conv1dShape& s, const T* dz, const T* x, T* dw) 
   i64 CB = 8;
   while (CB > 1 && G * cdiv(cout_g, CB) < omp_get_max_threads()) CB /= 2;
   const i64 ncb = cdiv(cout_g, CB), items = G * ncb;
-  // Rows summed in float per tile: about 1024 positions (as row_dot), at least one row.
-  const i64 nb = imin(s.N, imax(1, 1024 / imax(Lo, 1)));
+  // Rows summed in float per tile: about 1024 positions (as row_dot; a longer row in chunks of
+  // 1024), at least one row, and their phases in at most 256 Ki elements unless one row is more.
+  const i64 nb = imax(1, imin(imin(s.N, 1024 / imax(Lo, 1)), (i64(256) << 10) / (S * Lq)));
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(nb * S * Lq);
