@@ -47,6 +47,16 @@ def _run(block, x, dy, grad_req="write"):
     return y.asnumpy(), x.grad.asnumpy()
 
 
+def _twins(model):
+    """model(stock MaxPool1D(3, 2, 1)) and model(fusedres's), initialized to the same values."""
+    stock, fused = model(nn.MaxPool1D(3, 2, 1)), model(MaxPool1D(3, 2, 1))
+    for net in (stock, fused):
+        net.initialize(mx.init.Xavier())
+    for a, b in zip(stock.collect_params().values(), fused.collect_params().values()):
+        b.set_data(a.data())
+    return stock, fused
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("hybridize", [False, True])
@@ -126,12 +136,7 @@ def test_after_a_fused_block_hybridized_static_alloc_accumulating_and_exported(t
         net.add(ConvBNReLU1D(8, 3, padding=1, in_channels=4), pool, nn.Dense(3, in_units=8 * 17))
         return net
 
-    stock = model(nn.MaxPool1D(3, 2, 1))
-    fused = model(MaxPool1D(3, 2, 1))
-    for net in (stock, fused):
-        net.initialize(mx.init.Xavier())
-    for a, b in zip(stock.collect_params().values(), fused.collect_params().values()):
-        b.set_data(a.data())
+    stock, fused = _twins(model)
     x = mx.nd.random.normal(shape=(5, 4, 33))
     results = []
     for net in (stock, fused):
@@ -252,11 +257,7 @@ def test_between_mkldnn_operators(static_alloc):
                 nn.Conv1D(8, 3, padding=1, in_channels=8))
         return net
 
-    stock, fused = model(nn.MaxPool1D(3, 2, 1)), model(MaxPool1D(3, 2, 1))
-    for net in (stock, fused):
-        net.initialize(mx.init.Xavier())
-    for a, b in zip(stock.collect_params().values(), fused.collect_params().values()):
-        b.set_data(a.data())
+    stock, fused = _twins(model)
     x = mx.nd.random.normal(shape=(3, 4, 40))
     out = []
     for net in (stock, fused):
