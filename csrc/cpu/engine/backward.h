@@ -321,25 +321,28 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
       for (i64 g = 0; g < G; ++g) {
         // transpose x[n, g*cin_g + ci, p] for p in [pb, pe)
         const T* xg = x + (n * s.Cin + g * cin_g) * s.L;
-        // blocks of 16 positions: contiguous reads per channel (a column walk over rows
-        // L apart would alias in L1 when L is a multiple of 1024 floats)
-        for (i64 p0 = pb; p0 < pe; p0 += W) {
-          const i64 p1 = imin(pe, p0 + W);
-          const i64 va = iclamp(p0, 0, s.L), vb = iclamp(p1, 0, s.L);  // valid [va, vb)
-          for (i64 p = p0; p < p1; ++p)
-            if (p < va || p >= vb)
-              for (i64 ci = 0; ci < CP; ++ci) xT.p[(p - pb) * CP + ci] = T(0);
-          i64 c0 = 0;
-          if (V::TRANSPOSE && p1 - p0 == W && va == p0 && vb == p1)
-            for (; c0 + W <= cin_g; c0 += W)
-              V::transpose(xg + c0 * s.L + p0, s.L, xT.p + (p0 - pb) * CP + c0, CP);
-          for (i64 ci = c0; ci < cin_g; ++ci) {
-            const T* src = xg + ci * s.L;
-            T* dst = xT.p + ci - pb * CP;
-            for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
+        // Positions outside [0, L) are zero rows, channels past cin_g zero columns.
+        const i64 va = iclamp(pb, 0, s.L), vb = iclamp(pe, va, s.L);  // valid [va, vb)
+        for (i64 p = pb; p < pe; ++p)
+          if (p < va || p >= vb)
+            std::memset(xT.p + (p - pb) * CP, 0, sizeof(T) * size_t(CP));
+          else if (cin_g < CP)
+            std::memset(xT.p + (p - pb) * CP + cin_g, 0, sizeof(T) * size_t(CP - cin_g));
+        // W channels at a time, each of their rows read in order: W streams from memory (all
+        // cin_g rows at once measured 0.2 ms slower at the reference shape, 2 threads).
+        i64 c0 = 0;
+        if (V::TRANSPOSE)
+          for (; c0 + W <= cin_g; c0 += W) {
+            i64 p = va;
+            for (; p + W <= vb; p += W)
+              V::transpose(xg + c0 * s.L + p, s.L, xT.p + (p - pb) * CP + c0, CP);
+            for (; p < vb; ++p)
+              for (i64 ci = c0; ci < c0 + W; ++ci) xT.p[(p - pb) * CP + ci] = xg[ci * s.L + p];
           }
-          for (i64 p = va; p < vb; ++p)
-            for (i64 ci = cin_g; ci < CP; ++ci) xT.p[(p - pb) * CP + ci] = T(0);
+        for (i64 ci = c0; ci < cin_g; ++ci) {
+          const T* src = xg + ci * s.L;
+          T* dst = xT.p + ci - pb * CP;
+          for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
         }
         const T* dz_g = dz + (n * s.Cout + g * cout_g) * Lo;
         double* dst_g = mine + g * cout_g * dst_row;
