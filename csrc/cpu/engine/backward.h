@@ -242,9 +242,8 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
       if (fmod_pos(r + s.pad - k * s.dilation, S) == 0) tapk.p[r * K + nt++] = int(k);
     ntap.p[r] = nt;
     for (i64 g = 0; g < G; ++g)
-      pack_weights<V, false>(
-          wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
-          [&](i64, i64 o, i64 i, int k) { return w[((g * cout_g + i) * cin_g + o) * K + k]; });
+      pack_weights<V>(wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
+                      w + g * cout_g * cin_g * K, 0, K, cin_g * K);
   }
   const i64 nunits = s.N * ch.nch;
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))

@@ -14,9 +14,7 @@ void pack_forward(const Conv1dShape& s, const typename V::T* w, typename V::T* w
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V, true>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
-    return w[((g * cout_g + o) * cin_g + i) * K + k];
-  });
+  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, w, cout_g * cin_g * K, cin_g * K, K);
 }
 
 template <class V>
@@ -117,12 +115,9 @@ bool fold_and_pack(const Conv1dShape& s, const typename V::T* w, const typename 
   bool finite = fold_bn(s, bias, gamma, beta, running_mean, running_var, eps, scale.p, bf);
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V, true>(wp, G, cout_g, cin_g, int(K), tk.p, [&](i64 g, i64 o, i64 i, int k) {
-    const i64 co = g * cout_g + o;
-    const T v = static_cast<T>(w[(co * cin_g + i) * K + k] * scale.p[co]);
-    finite = finite && std::isfinite(v);
-    return v;
-  });
+  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, w, cout_g * cin_g * K, cin_g * K, K, scale.p);
+  const i64 np = packed_size_forward<V>(s);
+  for (i64 i = 0; i < np && finite; ++i) finite = std::isfinite(wp[i]);
   return finite;
 }
 
