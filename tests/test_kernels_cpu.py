@@ -133,6 +133,10 @@ SMALL = [
     ConvCase(2, 8, 45, 8, 2, 3, 0, 1, 8, True),
     # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
     ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
+    # weight-gradient sums beyond L2 (conv_bwd_weight's row split): short rows summed over
+    # runs of 5 and then 4 batch items, stride 2; and 4 groups, each split across the threads
+    ConvCase(9, 150, 200, 200, 5, 2, 2, 1, 1, True),
+    ConvCase(3, 512, 40, 512, 3, 1, 1, 1, 4, False),
 ]
 
 

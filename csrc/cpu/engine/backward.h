@@ -10,55 +10,69 @@ namespace fusedres {
 namespace FUSEDRES_ISA_NS {
 namespace {
 
-// Weight-gradient tile: acc[r][v] = sum_{l in [ja, jb)} dz_r[l] * xT[(l*S + off) * CP + v*W].
-template <class V, int MR, int NV>
+// The batch items a weight-gradient tile sums over in float: nn items, item i's dz rows
+// dz_step after item 0's and its transposed input xT_step after.
+struct DwItems {
+  i64 nn = 1, dz_step = 0, xT_step = 0;
+};
+
+// Weight-gradient tile: acc[r][v] = sum_{l in [ja, jb)} dz_r[l] * xT[(l*S + off) * CP + v*W],
+// summed over the items `it` when MULTI (else over the first only).
+template <class V, int MR, int NV, bool MULTI>
 FR_INLINE void dw_tile(const typename V::T* const (&dzr)[MR], const typename V::T* xT, i64 CP,
-                       i64 S, i64 ja, i64 jb, typename V::reg (&acc)[MR][NV]) {
+                       i64 S, i64 ja, i64 jb, const DwItems& it, typename V::reg (&acc)[MR][NV]) {
   using reg = typename V::reg;
   constexpr int W = V::W;
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  const typename V::T* xp = xT + ja * S * CP;
   const i64 step = S * CP;
-  for (i64 l = ja; l < jb; ++l) {
-    reg xv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) xv[v] = V::load(xp + v * W);
+  for (i64 i = 0; i < (MULTI ? it.nn : 1); ++i) {
+    const typename V::T* xp = xT + (MULTI ? i * it.xT_step : 0) + ja * S * CP;
+    const typename V::T* d_r[MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const reg d = V::set1(dzr[r][l]);
+    for (int r = 0; r < MR; ++r) d_r[r] = dzr[r] + (MULTI ? i * it.dz_step : 0);
+    for (i64 l = ja; l < jb; ++l) {
+      reg xv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(d, xv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) xv[v] = V::load(xp + v * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const reg d = V::set1(d_r[r][l]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(d, xv[v], acc[r][v]);
+      }
+      xp += step;
     }
-    xp += step;
   }
 }
 
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool MULTI>
 void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
-                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row);
+                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row,
+                   const DwItems& it);
 
 // MR x NV accumulator tile with MR = DMR * DNR / NV: fewer channel vectors, more rows.
-template <class V, int NV>
+template <class V, int NV, bool MULTI = false>
 void dw_block(const typename V::T* dz_g, i64 Lo, i64 rows, const typename V::T* xT, i64 CP, i64 S,
-              i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+              i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row, const DwItems& it = DwItems{}) {
   constexpr int MR = V::DMR * V::DNR / NV;
   for (i64 r0 = 0; r0 < rows; r0 += MR)
-    dw_block_rows<V, MR, NV>(dz_g, Lo, r0, imin(MR, rows - r0), xT, CP, S, ja, jb, civ, dst,
-                             dst_row);
+    dw_block_rows<V, MR, NV, MULTI>(dz_g, Lo, r0, imin(MR, rows - r0), xT, CP, S, ja, jb, civ, dst,
+                                    dst_row, it);
 }
 
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool MULTI>
 void dw_block_rows(const typename V::T* dz_g, i64 Lo, i64 r0, i64 nr, const typename V::T* xT,
-                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row) {
+                   i64 CP, i64 S, i64 ja, i64 jb, i64 civ, double* dst, i64 dst_row,
+                   const DwItems& it) {
   using T = typename V::T;
   constexpr int W = V::W;
   const T* dzr[MR];
   for (int r = 0; r < MR; ++r) dzr[r] = dz_g + (r0 + (r < nr ? r : 0)) * Lo;
   typename V::reg acc[MR][NV];
-  dw_tile<V, MR, NV>(dzr, xT + civ * W, CP, S, ja, jb, acc);
+  dw_tile<V, MR, NV, MULTI>(dzr, xT + civ * W, CP, S, ja, jb, it, acc);
   alignas(64) T tmp[MR][NV * W];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) V::store(&tmp[r][v * W], acc[r][v]);
@@ -285,6 +299,66 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   }
 }
 
+// xT[(p - pb) * CP + ci] = xg[ci * L + p] for p in [pb, pe), ci < cin_g; zero for p outside
+// [0, L) and for ci in [cin_g, CP).
+template <class V>
+FR_INLINE void transpose_window(const typename V::T* xg, i64 L, i64 cin_g, i64 CP, i64 pb, i64 pe,
+                                typename V::T* xT) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const i64 va = iclamp(pb, 0, L), vb = iclamp(pe, va, L);  // valid [va, vb)
+  for (i64 p = pb; p < pe; ++p)
+    if (p < va || p >= vb)
+      std::memset(xT + (p - pb) * CP, 0, sizeof(T) * size_t(CP));
+    else if (cin_g < CP)
+      std::memset(xT + (p - pb) * CP + cin_g, 0, sizeof(T) * size_t(CP - cin_g));
+  // W channels at a time, each of their rows read in order: W streams from memory (all
+  // cin_g rows at once measured 0.2 ms slower at the reference shape, 2 threads).
+  i64 c0 = 0;
+  if (V::TRANSPOSE)
+    for (; c0 + W <= cin_g; c0 += W) {
+      i64 p = va;
+      for (; p + W <= vb; p += W) V::transpose(xg + c0 * L + p, L, xT + (p - pb) * CP + c0, CP);
+      for (; p < vb; ++p)
+        for (i64 ci = c0; ci < c0 + W; ++ci) xT[(p - pb) * CP + ci] = xg[ci * L + p];
+    }
+  for (i64 ci = c0; ci < cin_g; ++ci) {
+    const T* src = xg + ci * L;
+    T* dst = xT + ci - pb * CP;
+    for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
+  }
+}
+
+// One group's weight-gradient tiles over rows [0, rows) of dz_g (row stride Lo) and positions
+// [ja, jb), xT's row of position p at (p - pb): dst[r * dst_row + k * CP + ci] += their float
+// sums.
+template <class V, bool MULTI>
+FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 rows,
+                         const typename V::T* xT, i64 CP, i64 pb, i64 ja, i64 jb, double* dst,
+                         i64 dst_row, const DwItems& it) {
+  using T = typename V::T;
+  constexpr int DNR = V::DNR;
+  const i64 Lo = s.Lout(), S = s.stride, nvec = CP / V::W;
+  for (i64 k = 0; k < s.K; ++k) {
+    // xT row of position l*S + off is (l*S + off - pb); shift the base so index l*S*CP works
+    const T* xk = xT + (k * s.dilation - s.pad - pb) * CP;
+    double* dk = dst + k * CP;
+    for (i64 civ = 0; civ < nvec; civ += DNR) {
+      const i64 nv = imin(DNR, nvec - civ);
+      if (nv == DNR)
+        dw_block<V, DNR, MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
+      else if (DNR > 3 && nv == 3)
+        dw_block<V, (DNR > 3 ? 3 : 1), MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
+                                              it);
+      else if (DNR > 2 && nv == 2)
+        dw_block<V, (DNR > 2 ? 2 : 1), MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
+                                              it);
+      else
+        dw_block<V, 1, MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
+    }
+  }
+}
+
 template <typename T>
 void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   using V = typename VecOf<T>::type;
@@ -293,74 +367,72 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, S = s.stride;
   // conv_bwd_weight: dw[co, ci, k] = sum_{n, l} dz[n, co, l] * x[n, ci, l*S + k*dil - pad], with x
   // transposed per unit into xT[p][ci] (ci padded to CP with zeros, p outside [0, L) zero).
-  constexpr int DNR = V::DNR;
   const i64 CP = rup(cin_g, W);
   const i64 offmin = -s.pad, offmax = (K - 1) * s.dilation - s.pad;
-  i64 CHw = imax(16, imin(512, (128 * 1024) / (CP * i64(sizeof(T)) * S)));
-  CHw = imin(CHw, Lo);
-  if (s.N * cdiv(Lo, CHw) < 8) CHw = imax(1, cdiv(Lo, cdiv(8, s.N)));
-  const i64 nch = cdiv(Lo, CHw), nunits = s.N * nch;
   const i64 dst_row = K * CP;  // per co: [k][CP]
   const int nthr = omp_get_max_threads();
-  Buf<double> acc(i64(nthr) * s.Cout * dst_row);
+  i64 CHw = imax(16, imin(512, (128 * 1024) / (CP * i64(sizeof(T)) * S)));
+  CHw = imin(CHw, Lo);
+  // Few chunks of positions (small batch) or short rows: the threads split the output channels
+  // (ranges of a multiple of RB rows, the rows of a full-width dw_block tile) instead of the
+  // positions; each range is summed over every position by one thread, into its own rows of
+  // one set of sums. Short rows are summed in float over several batch items (nb) at a time,
+  // up to 512 positions, as a chunk of a long row is: one flush of the double sums per run
+  // instead of one per item. Only where those sums outgrow L2 (1 MiB here), whose flushes then
+  // go to memory: A/B in one process, 2 threads, AVX-512, the backward of (16, 512, 32) -> 512
+  // k3 0.87x, (16, 256, 64) -> 512 k3 s2 0.91x, (1, 256, 256) -> 256 k3 0.92x; with small sums,
+  // (16, 64, 256) -> 128 k1 s2, it measured 1.08x.
+  constexpr i64 RB = V::DMR;
+  const bool few = s.N * cdiv(Lo, CHw) < 8, short_rows = CHw == Lo && Lo <= 128 && s.N > 1;
+  const bool big_sums = s.Cout * dst_row * i64(sizeof(double)) > (i64(1) << 20);
+  const bool row_split = nthr > 1 && (few || short_rows) && big_sums && cout_g >= 2 * RB;
+  if (!row_split && few) CHw = imax(1, cdiv(Lo, cdiv(8, s.N)));
   const i64 xrows = (CHw - 1) * S + offmax - offmin + 1;
+  const i64 nb =
+      row_split && CHw == Lo
+          ? iclamp(imin(512 / Lo, (i64(512) << 10) / (xrows * CP * i64(sizeof(T)))), 1, s.N)
+          : 1;
+  const i64 nch = cdiv(Lo, CHw), nunits = s.N * nch;  // the default split's units
+  const i64 rrows = row_split ? rup(cdiv(cout_g, i64(nthr)), RB) : cout_g;
+  const i64 nrs = cdiv(cout_g, rrows);
+  Buf<double> acc(i64(row_split ? 1 : nthr) * s.Cout * dst_row);
+  if (row_split) std::memset(acc.p, 0, sizeof(double) * size_t(s.Cout * dst_row));
   int used = 1;
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
-    const int tid = omp_get_thread_num();
-#pragma omp single
-    used = omp_get_num_threads();
-    Buf<T> xT(xrows * CP);
-    double* mine = acc.p + i64(tid) * s.Cout * dst_row;
-    std::memset(mine, 0, sizeof(double) * size_t(s.Cout * dst_row));
+    Buf<T> xT(nb * xrows * CP);
+    if (row_split) {
+      // item (g, rows [r0, r0 + rrows)): every run of nb items x a chunk, into the shared sums
+      // (rows disjoint)
 #pragma omp for schedule(static)
-    for (i64 u = 0; u < nunits; ++u) {
-      const i64 n = u / nch, ja = (u % nch) * CHw, jb = imin(Lo, ja + CHw);
-      const i64 pb = ja * S + offmin, pe = (jb - 1) * S + offmax + 1;
-      for (i64 g = 0; g < G; ++g) {
-        // transpose x[n, g*cin_g + ci, p] for p in [pb, pe)
-        const T* xg = x + (n * s.Cin + g * cin_g) * s.L;
-        // Positions outside [0, L) are zero rows, channels past cin_g zero columns.
-        const i64 va = iclamp(pb, 0, s.L), vb = iclamp(pe, va, s.L);  // valid [va, vb)
-        for (i64 p = pb; p < pe; ++p)
-          if (p < va || p >= vb)
-            std::memset(xT.p + (p - pb) * CP, 0, sizeof(T) * size_t(CP));
-          else if (cin_g < CP)
-            std::memset(xT.p + (p - pb) * CP + cin_g, 0, sizeof(T) * size_t(CP - cin_g));
-        // W channels at a time, each of their rows read in order: W streams from memory (all
-        // cin_g rows at once measured 0.2 ms slower at the reference shape, 2 threads).
-        i64 c0 = 0;
-        if (V::TRANSPOSE)
-          for (; c0 + W <= cin_g; c0 += W) {
-            i64 p = va;
-            for (; p + W <= vb; p += W)
-              V::transpose(xg + c0 * s.L + p, s.L, xT.p + (p - pb) * CP + c0, CP);
-            for (; p < vb; ++p)
-              for (i64 ci = c0; ci < c0 + W; ++ci) xT.p[(p - pb) * CP + ci] = xg[ci * s.L + p];
+      for (i64 item = 0; item < G * nrs; ++item) {
+        const i64 g = item / nrs, r0 = (item % nrs) * rrows, nr = imin(rrows, cout_g - r0);
+        for (i64 n0 = 0; n0 < s.N; n0 += nb)
+          for (i64 ja = 0; ja < Lo; ja += CHw) {
+            const i64 nn = imin(nb, s.N - n0), jb = imin(Lo, ja + CHw);
+            const i64 pb = ja * S + offmin, pe = (jb - 1) * S + offmax + 1;
+            for (i64 i = 0; i < nn; ++i)
+              transpose_window<V>(x + ((n0 + i) * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe,
+                                  xT.p + i * xrows * CP);
+            dw_window<V, true>(s, dz + (n0 * s.Cout + g * cout_g + r0) * Lo, nr, xT.p, CP, pb, ja,
+                               jb, acc.p + (g * cout_g + r0) * dst_row, dst_row,
+                               DwItems{nn, s.Cout * Lo, xrows * CP});
           }
-        for (i64 ci = c0; ci < cin_g; ++ci) {
-          const T* src = xg + ci * s.L;
-          T* dst = xT.p + ci - pb * CP;
-          for (i64 p = va; p < vb; ++p) dst[p * CP] = src[p];
-        }
-        const T* dz_g = dz + (n * s.Cout + g * cout_g) * Lo;
-        double* dst_g = mine + g * cout_g * dst_row;
-        const i64 nvec = CP / W;
-        for (i64 k = 0; k < K; ++k) {
-          // xT row of position l*S + off is (l*S + off - pb); shift the base so index l*S*CP works
-          const T* xk = xT.p + (k * s.dilation - s.pad - pb) * CP;
-          double* dk = dst_g + k * CP;
-          for (i64 civ = 0; civ < nvec; civ += DNR) {
-            const i64 nv = imin(DNR, nvec - civ);
-            if (nv == DNR)
-              dw_block<V, DNR>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
-            else if (DNR > 3 && nv == 3)
-              dw_block<V, (DNR > 3 ? 3 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
-            else if (DNR > 2 && nv == 2)
-              dw_block<V, (DNR > 2 ? 2 : 1)>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
-            else
-              dw_block<V, 1>(dz_g, Lo, cout_g, xk, CP, S, ja, jb, civ, dk, dst_row);
-          }
+      }
+    } else {
+      const int tid = omp_get_thread_num();
+#pragma omp single
+      used = omp_get_num_threads();
+      double* mine = acc.p + i64(tid) * s.Cout * dst_row;
+      std::memset(mine, 0, sizeof(double) * size_t(s.Cout * dst_row));
+#pragma omp for schedule(static)
+      for (i64 u = 0; u < nunits; ++u) {
+        const i64 n = u / nch, ja = (u % nch) * CHw, jb = imin(Lo, ja + CHw);
+        const i64 pb = ja * S + offmin, pe = (jb - 1) * S + offmax + 1;
+        for (i64 g = 0; g < G; ++g) {
+          transpose_window<V>(x + (n * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe, xT.p);
+          dw_window<V, false>(s, dz + (n * s.Cout + g * cout_g) * Lo, cout_g, xT.p, CP, pb, ja, jb,
+                              mine + g * cout_g * dst_row, dst_row, DwItems{});
         }
       }
     }
