@@ -4,6 +4,7 @@ MXNet and PyTorch eager, all timed interleaved on the same input values; and how
 layer runs inside a network against alone. conftest.py writes the results file."""
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -201,21 +202,29 @@ def test_fused_layer_alone_and_alternating(benchmark, results, mode):
          f"{med['b after a']:.3f}", f"{med['b after a'] / med['b alone']:.2f}"])
 
 
-def _profiled_op_ms(run, reps, match="fusedres_conv1d_bn_relu"):
+@pytest.fixture(scope="module")
+def profile_dir():
+    """One directory for the profiler's file (MXNet may still be writing it when a call's own
+    temporary directory would be removed: "Directory not empty")."""
+    tmp = tempfile.mkdtemp(prefix="fusedres-profile-")
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _profiled_op_ms(run, reps, tmp, match="fusedres_conv1d_bn_relu"):
     """MXNet's profiler: ms per run() of the operators whose name contains match (forward and
-    backward), and {operator: ms per run()} of all of them."""
+    backward), and {operator: ms per run()} of all of them. tmp: a directory for its file."""
     run()
     mx.nd.waitall()
-    with tempfile.TemporaryDirectory() as tmp:
-        mx.profiler.set_config(profile_symbolic=True, profile_imperative=True,
-                               profile_memory=False, profile_api=False, aggregate_stats=True,
-                               filename=os.path.join(tmp, "profile.json"))
-        mx.profiler.set_state("run")
-        for _ in range(reps):
-            run()
-        mx.nd.waitall()
-        mx.profiler.set_state("stop")
-        ops = json.loads(mx.profiler.dumps(reset=True, format="json"))["Time"]["operator"]
+    mx.profiler.set_config(profile_symbolic=True, profile_imperative=True,
+                           profile_memory=False, profile_api=False, aggregate_stats=True,
+                           filename=os.path.join(tmp, "profile.json"))
+    mx.profiler.set_state("run")
+    for _ in range(reps):
+        run()
+    mx.nd.waitall()
+    mx.profiler.set_state("stop")
+    ops = json.loads(mx.profiler.dumps(reset=True, format="json"))["Time"]["operator"]
     per_op = {k: v["Total"] / reps for k, v in ops.items()}
     return sum(v for k, v in per_op.items() if match in k), per_op
 
@@ -243,7 +252,7 @@ def _layer_inputs(net, x):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_fused_layers_inside_the_model(benchmark, results, mode):
+def test_fused_layers_inside_the_model(benchmark, results, mode, profile_dir):
     """The fused operators' time inside the model (MXNet's profiler, per step) against the same
     layers, on the same inputs, each run alone back to back."""
     m = benchmarks.MODEL
@@ -271,11 +280,11 @@ def test_fused_layers_inside_the_model(benchmark, results, mode):
         # the machine's load lands on both sides alike; medians over the rounds.
         inside, alone_ms, model_ops = [], [], {}
         for _ in range(nrounds):
-            ms, ops = _profiled_op_ms(model_run, per_round)
+            ms, ops = _profiled_op_ms(model_run, per_round, profile_dir)
             inside.append(ms)
             for k, v in ops.items():
                 model_ops.setdefault(k, []).append(v)
-            alone_ms.append(sum(_profiled_op_ms(run, per_round)[0] for run in alone))
+            alone_ms.append(sum(_profiled_op_ms(run, per_round, profile_dir)[0] for run in alone))
         out["inside"], out["alone"] = float(np.median(inside)), float(np.median(alone_ms))
         out["model ops"] = {k: float(np.median(v)) for k, v in model_ops.items()}
     benchmark.pedantic(measure, rounds=1, iterations=1)
