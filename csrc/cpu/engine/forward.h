@@ -9,12 +9,14 @@ namespace fusedres {
 namespace FUSEDRES_ISA_NS {
 namespace {
 
+// The forward's packed weights (times scale[co], in double, when given: the inference fold).
 template <class V>
-void pack_forward(const Conv1dShape& s, const typename V::T* w, typename V::T* wp) {
+void pack_forward(const Conv1dShape& s, const typename V::T* w, typename V::T* wp,
+                  const double* scale = nullptr) {
   const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<int> tk(K);
   for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, w, cout_g * cin_g * K, cin_g * K, K);
+  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, w, cout_g * cin_g * K, cin_g * K, K, scale);
 }
 
 template <class V>
@@ -109,13 +111,9 @@ bool fold_and_pack(const Conv1dShape& s, const typename V::T* w, const typename 
                    const typename V::T* gamma, const typename V::T* beta,
                    const typename V::T* running_mean, const typename V::T* running_var, double eps,
                    typename V::T* wp, typename V::T* bf) {
-  using T = typename V::T;
-  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
   Buf<double> scale(s.Cout);
   bool finite = fold_bn(s, bias, gamma, beta, running_mean, running_var, eps, scale.p, bf);
-  Buf<int> tk(K);
-  for (i64 k = 0; k < K; ++k) tk.p[k] = int(k);
-  pack_weights<V>(wp, G, cout_g, cin_g, int(K), tk.p, w, cout_g * cin_g * K, cin_g * K, K, scale.p);
+  pack_forward<V>(s, w, wp, scale.p);
   const i64 np = packed_size_forward<V>(s);
   for (i64 i = 0; i < np && finite; ++i) finite = std::isfinite(wp[i]);
   return finite;
