@@ -260,9 +260,15 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
                       w + g * cout_g * cin_g * K, 0, K, cin_g * K);
   }
   const i64 nunits = s.N * ch.nch;
+  // dz rows that alias in L1 are staged per unit (stage_taps); a phase's taps span at most
+  // (K - 1) * dilation / S + 1 positions of dz
+  constexpr i64 TW = V::NR * W;
+  const bool stage = rows_alias(Lo * i64(sizeof(T)), cout_g);
+  const i64 ldz = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation / S + 1);
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> tmp(S > 1 ? S * s.Cin * ch.CH : 0);
+    Buf<T> zs(stage ? cout_g * ldz : 0);
     Tap<T> taps[64];
     Buf<Tap<T>> taps_big(K > 64 ? K : 0);
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
@@ -288,7 +294,8 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
             tp[t] =
                 Tap<T>{dz + (n * s.Cout + g * cout_g) * Lo, (r + s.pad - k * s.dilation) / S, Lo};
           }
-          ConvUnit<V> cu{tp,    nt,      Lo,  cout_g,  wt.p + (r * G + g) * wgroup,
+          const i64 cs = stage ? stage_taps(tp, nt, cout_g, Lo, ja, jb, TW, zs.p, ldz) : Lo;
+          ConvUnit<V> cu{tp,    nt,      cs,  cout_g,  wt.p + (r * G + g) * wgroup,
                          cin_g, nullptr, out, ostride, nullptr};
           run_conv_unit<V, E_STORE>(cu, ja, jb);
         }

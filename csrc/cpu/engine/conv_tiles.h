@@ -333,6 +333,26 @@ void row_taps(const Conv1dShape& s, const T* xr, T* ph, Tap<T>* taps) {
   }
 }
 
+// Copies what taps[0, ntaps) read for output positions [ja, jb) (tiles of tw positions, the
+// last read up to tw - 1 past jb) from rows [0, nrows) of their input (row stride cs) into buf
+// (row stride ld >= jb - ja + tw + the taps' offset span) and points the taps there: for inputs
+// whose rows alias in L1 (rows_alias). The taps must share one base and length, as those of a
+// stride-1 conv do. Returns the new row stride.
+template <typename T>
+i64 stage_taps(Tap<T>* taps, int ntaps, i64 nrows, i64 cs, i64 ja, i64 jb, i64 tw, T* buf, i64 ld) {
+  i64 omin = taps[0].off, omax = taps[0].off;
+  for (int t = 1; t < ntaps; ++t) {
+    omin = imin(omin, taps[t].off);
+    omax = imax(omax, taps[t].off);
+  }
+  const i64 p0 = iclamp(ja + omin, 0, taps[0].len), p1 = iclamp(jb + tw + omax, p0, taps[0].len);
+  const T* src = taps[0].base + p0;
+  for (i64 r = 0; r < nrows; ++r)
+    std::memcpy(buf + r * ld, src + r * cs, size_t(p1 - p0) * sizeof(T));
+  for (int t = 0; t < ntaps; ++t) taps[t].base = buf - p0;
+  return ld;
+}
+
 // sum_j a[j] * b[j] for j in [0, n) (float vectors flushed to double every 1024 positions).
 template <class V>
 FR_INLINE double row_dot(const typename V::T* a, const typename V::T* b, i64 n) {
@@ -390,7 +410,11 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
     dmax = k ? imax(dmax, d) : d;
   }
   const i64 Lq = cdiv(s.L, S);
-  const i64 Wq = ch.CH + dmax - dmin + 1;
+  const i64 Wq = alias_free_ld<T>(ch.CH + dmax - dmin + 1);
+  // stride 1: rows that alias in L1 are staged per unit (stage_taps)
+  constexpr i64 TW = V::NR * V::W;
+  const bool stage = S == 1 && rows_alias(s.L * i64(sizeof(T)), cin_g);
+  const i64 ldx = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation);
   // Wide layers on short rows: when a group's packed weights outgrow half of L2, every unit
   // would stream them from L3 again. If a thread's share of the input fits in half of L2
   // instead, (stride 1) each thread goes over its units a block of rb output rows at a time,
@@ -405,6 +429,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
+    Buf<T> xs(stage && !row_blocked ? cin_g * ldx : 0);
     Tap<T> taps[64];
     Buf<Tap<T>> taps_big(K > 64 ? K : 0);
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
@@ -452,9 +477,11 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
               tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
             }
           }
+          i64 cs = S == 1 ? s.L : Wq;
+          if (stage) cs = stage_taps(tp, int(K), cin_g, cs, ja, jb, TW, xs.p, ldx);
           ConvUnit<V> cu{tp,
                          int(K),
-                         S == 1 ? s.L : Wq,
+                         cs,
                          cin_g,
                          wp + g * wgroup,
                          cout_g,
