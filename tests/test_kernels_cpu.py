@@ -138,11 +138,12 @@ SMALL = [
     ConvCase(9, 150, 200, 200, 5, 2, 2, 1, 1, True),
     ConvCase(3, 512, 40, 512, 3, 1, 1, 1, 4, False),
     # rows 4 KiB apart (float32; 8 KiB in float64) alias in L1 and are staged per unit
-    # (stage_taps): the input rows, pad past the kernel, dilation 3, a masked tail
-    ConvCase(2, 8, 1024, 6, 3, 1, 5, 3, 1, True),
-    ConvCase(2, 8, 1030, 6, 7, 1, 0, 1, 1, False),        # dz rows (the data gradient's)
-    ConvCase(2, 5, 2048, 12, 3, 2, 1, 1, 1, True),        # dz rows, stride 2 phases
-    ConvCase(2, 16, 1024, 12, 3, 1, 1, 1, 2, True),       # both, groups 2
+    # (stage_taps) when more than one block of output rows (8 on AVX-512) reads them: the input
+    # rows, pad past the kernel, dilation 3, a masked tail, a partial block of rows
+    ConvCase(2, 8, 1024, 10, 3, 1, 5, 3, 1, True),
+    ConvCase(2, 10, 1030, 6, 7, 1, 0, 1, 1, False),       # dz rows (the data gradient's)
+    ConvCase(2, 9, 2048, 12, 3, 2, 1, 1, 1, True),        # dz rows, stride 2 phases
+    ConvCase(2, 20, 1024, 18, 3, 1, 1, 1, 2, True),       # both, groups 2
 ]
 
 
