@@ -261,10 +261,9 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   }
   const i64 nunits = s.N * ch.nch;
   // dz rows that alias in L1 are staged per unit (stage_taps); a phase's taps span at most
-  // (K - 1) * dilation / S + 1 positions of dz; as in the forward, only when more than one block
-  // of rows reads them
+  // (K - 1) * dilation / S + 1 positions of dz
   constexpr i64 TW = V::NR * W;
-  const bool stage = cin_g > MR && rows_alias(Lo * i64(sizeof(T)), cout_g);
+  const bool stage = rows_alias(Lo * i64(sizeof(T)), cout_g);
   const i64 ldz = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation / S + 1);
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {

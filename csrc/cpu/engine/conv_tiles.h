@@ -411,11 +411,10 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
   }
   const i64 Lq = cdiv(s.L, S);
   const i64 Wq = alias_free_ld<T>(ch.CH + dmax - dmin + 1);
-  // stride 1: rows that alias in L1 are staged per unit (stage_taps) when more than one block
-  // of output rows reads them (with one, the copy costs what it saves: (8, 128, 1024) -> 4 k3
-  // ran 18% slower staged, (32, 64, 1024) -> 8 26% faster)
+  // stride 1: rows that alias in L1 are staged per unit (stage_taps); also where one block of
+  // output rows reads them ((16, 256, 1024) -> 4 k3: 2.3 ms staged, 3.3 ms not)
   constexpr i64 TW = V::NR * V::W;
-  const bool stage = S == 1 && cout_g > V::MR && rows_alias(s.L * i64(sizeof(T)), cin_g);
+  const bool stage = S == 1 && rows_alias(s.L * i64(sizeof(T)), cin_g);
   const i64 ldx = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation);
   // Wide layers on short rows: when a group's packed weights outgrow half of L2, every unit
   // would stream them from L3 again. If a thread's share of the input fits in half of L2
