@@ -137,9 +137,10 @@ SMALL = [
     # runs of 5 and then 4 batch items, stride 2; and 4 groups, each split across the threads
     ConvCase(9, 150, 200, 200, 5, 2, 2, 1, 1, True),
     ConvCase(3, 512, 40, 512, 3, 1, 1, 1, 4, False),
-    # rows 4 KiB apart (float32; 8 KiB in float64) alias in L1 and are staged per unit
-    # (stage_taps): the input rows, pad past the kernel, dilation 3, a masked tail, one block of
-    # output rows and more than one (8 rows to a block on AVX-512) ending in a partial block
+    # rows 4 KiB apart (float32; 8 KiB in float64) alias in L1: the data gradient stages such dz
+    # rows per unit (stage_taps), as the stride-1 forward does every input (zeros for padding):
+    # pad past the kernel, dilation 3, a partial tail, one block of output rows and more than one
+    # (8 rows to a block on AVX-512) ending in a partial block
     ConvCase(2, 8, 1024, 6, 3, 1, 5, 3, 1, True),
     ConvCase(2, 8, 1024, 10, 3, 1, 5, 3, 1, True),
     ConvCase(2, 10, 1030, 6, 7, 1, 0, 1, 1, False),       # dz rows (the data gradient's)

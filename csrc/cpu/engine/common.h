@@ -3,6 +3,7 @@
 // Part of the conv engine (conv_engine.h): compiled once per instruction set, inside that
 // translation unit's namespace, after isa_traits.h; not a header of its own.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -160,11 +160,12 @@ void conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
   using T = typename V::T;
   using reg = typename V::reg;
   constexpr int W = V::W, MR = V::MR, NR = V::NR, TW = NR * W;
-  // Full tiles starting in [int_lo, int_hi] read no padding: plain loads.
-  i64 int_lo = ja, int_hi = jb;
+  // Tiles of nv vectors at j with int_lo <= j and j + nv * W <= int_end read no padding: plain
+  // loads (masked ones cost a third more: (16, 512, 32) -> 512 k3 on AVX2, all tiles masked).
+  i64 int_lo = ja, int_end = jb + TW;
   for (int t = 0; t < u.ntaps; ++t) {
     int_lo = imax(int_lo, -u.taps[t].off);
-    int_hi = imin(int_hi, u.taps[t].len - u.taps[t].off - TW);
+    int_end = imin(int_end, u.taps[t].len - u.taps[t].off);
   }
   const i64 ncb = cdiv(u.rows, MR), pf_per_cb = cdiv(u.pf_rows, ncb);
   for (i64 cb = 0; cb < ncb; ++cb) {
@@ -181,22 +182,20 @@ void conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
     bool first = true;
     for (i64 j = ja; j < jb; j += TW) {
       const i64 rem = jb - j;
-      if (rem >= TW) {
-        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, !(j >= int_lo && j <= int_hi), sv, qv,
-                                  shift, first);
-      } else {
-        const int nv = int(cdiv(rem, W));
-        if (NR >= 4 && nv == 3)
-          conv_tile<V, MR, (NR >= 4 ? 3 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift,
-                                                   first);
-        else if (NR >= 3 && nv == 2)
-          conv_tile<V, MR, (NR >= 3 ? 2 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift,
-                                                   first);
-        else if (nv == 1)
-          conv_tile<V, MR, 1, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
-        else
-          conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
-      }
+      const int nv = rem >= TW ? NR : int(cdiv(rem, W));
+      const bool masked = !(j >= int_lo && j + nv * W <= int_end);
+      if (nv == NR)
+        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, masked, sv, qv, shift, first);
+      else if (NR >= 4 && nv == 3)
+        conv_tile<V, MR, (NR >= 4 ? 3 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, masked, sv, qv, shift,
+                                                 first);
+      else if (NR >= 3 && nv == 2)
+        conv_tile<V, MR, (NR >= 3 ? 2 : 1), EPI>(u, wblk, r0, nr, bv, j, jb, masked, sv, qv, shift,
+                                                 first);
+      else if (nv == 1)
+        conv_tile<V, MR, 1, EPI>(u, wblk, r0, nr, bv, j, jb, masked, sv, qv, shift, first);
+      else
+        conv_tile<V, MR, NR, EPI>(u, wblk, r0, nr, bv, j, jb, true, sv, qv, shift, first);
       first = false;
     }
     if (EPI == E_STATS) {
@@ -335,9 +334,10 @@ void row_taps(const Conv1dShape& s, const T* xr, T* ph, Tap<T>* taps) {
 
 // Copies what taps[0, ntaps) read for output positions [ja, jb) (tiles of tw positions, the
 // last read up to tw - 1 past jb) from rows [0, nrows) of their input (row stride cs) into buf
-// (row stride ld >= jb - ja + tw + the taps' offset span) and points the taps there: for inputs
-// whose rows alias in L1 (rows_alias). The taps must share one base and length, as those of a
-// stride-1 conv do. Returns the new row stride.
+// (row stride ld >= jb - ja + tw + the taps' offset span), zeros where they read padding, and
+// points the taps there: every tile then loads without masks. The taps must share one base and
+// length, as those of a stride-1 conv and of one phase of the data gradient do. Returns the new
+// row stride.
 template <typename T>
 i64 stage_taps(Tap<T>* taps, int ntaps, i64 nrows, i64 cs, i64 ja, i64 jb, i64 tw, T* buf, i64 ld) {
   i64 omin = taps[0].off, omax = taps[0].off;
@@ -345,11 +345,18 @@ i64 stage_taps(Tap<T>* taps, int ntaps, i64 nrows, i64 cs, i64 ja, i64 jb, i64 t
     omin = imin(omin, taps[t].off);
     omax = imax(omax, taps[t].off);
   }
-  const i64 p0 = iclamp(ja + omin, 0, taps[0].len), p1 = iclamp(jb + tw + omax, p0, taps[0].len);
-  const T* src = taps[0].base + p0;
-  for (i64 r = 0; r < nrows; ++r)
-    std::memcpy(buf + r * ld, src + r * cs, size_t(p1 - p0) * sizeof(T));
-  for (int t = 0; t < ntaps; ++t) taps[t].base = buf - p0;
+  // positions [q0, q0 + nq) are read, [q0 + lo, q0 + hi) of them inside the row
+  const i64 q0 = ja + omin, nq = jb - ja + tw + omax - omin, len = taps[0].len;
+  const i64 lo = iclamp(-q0, 0, nq), hi = iclamp(len - q0, lo, nq);
+  const T* src = taps[0].base + q0 + lo;
+  for (i64 r = 0; r < nrows; ++r) {
+    T* d = buf + r * ld;
+    std::fill(d, d + lo, T(0));
+    if (hi > lo) std::memcpy(d + lo, src + r * cs, size_t(hi - lo) * sizeof(T));
+    std::fill(d + hi, d + nq, T(0));
+  }
+  // element (ci, j) of tap t, position j + off, is buf[ci * ld + j + off - q0]
+  for (int t = 0; t < ntaps; ++t) taps[t] = Tap<T>{buf - ja, taps[t].off - omin, ja + nq};
   return ld;
 }
 
@@ -411,10 +418,13 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
   }
   const i64 Lq = cdiv(s.L, S);
   const i64 Wq = alias_free_ld<T>(ch.CH + dmax - dmin + 1);
-  // stride 1: rows that alias in L1 are staged per unit (stage_taps); also where one block of
-  // output rows reads them ((16, 256, 1024) -> 4 k3: 2.3 ms staged, 3.3 ms not)
+  // stride 1: each unit's input is staged (stage_taps): tiles then load without masks, and rows
+  // that alias in L1 do not. Forward, 2 threads, AVX2, A/B in one process (Zen 2): (16, 512, 32)
+  // -> 512 k3 6.5 -> 5.2 ms (every tile was masked), (16, 256, 64) -> 256 k3 3.0 -> 2.3 ms,
+  // (16, 256, 1024) -> 4 k3 3.3 -> 2.3 ms (aliasing); (32, 64, 1024) -> 64 k3 (aliasing, Zen 3)
+  // 7.7 -> 5.3 ms; the rest of bench/kernel_timing.py's stride-1 shapes within noise.
   constexpr i64 TW = V::NR * V::W;
-  const bool stage = S == 1 && rows_alias(s.L * i64(sizeof(T)), cin_g);
+  const bool stage = S == 1;
   const i64 ldx = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation);
   // Wide layers on short rows: when a group's packed weights outgrow half of L2, every unit
   // would stream them from L3 again. If a thread's share of the input fits in half of L2
@@ -430,7 +440,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
-    Buf<T> xs(stage && !row_blocked ? cin_g * ldx : 0);
+    Buf<T> xs(stage ? cin_g * ldx : 0);
     Tap<T> taps[64];
     Buf<Tap<T>> taps_big(K > 64 ? K : 0);
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
@@ -444,10 +454,11 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
             const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
             for (i64 k = 0; k < K; ++k)
               tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, k * s.dilation - s.pad, s.L};
+            const i64 cs = stage ? stage_taps(tp, int(K), cin_g, s.L, ja, jb, TW, xs.p, ldx) : s.L;
             const i64 co0 = g * cout_g + r0;
             ConvUnit<V> cu{tp,
                            int(K),
-                           s.L,
+                           cs,
                            cin_g,
                            wp + g * wgroup + r0 * K * cin_g,
                            imin(rb, cout_g - r0),
