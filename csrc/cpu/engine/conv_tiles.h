@@ -424,7 +424,6 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
   // (16, 256, 1024) -> 4 k3 3.3 -> 2.3 ms (aliasing); (32, 64, 1024) -> 64 k3 (aliasing, Zen 3)
   // 7.7 -> 5.3 ms; the rest of bench/kernel_timing.py's stride-1 shapes within noise.
   constexpr i64 TW = V::NR * V::W;
-  const bool stage = S == 1;
   const i64 ldx = alias_free_ld<T>(ch.CH + TW + (K - 1) * s.dilation);
   // Wide layers on short rows: when a group's packed weights outgrow half of L2, every unit
   // would stream them from L3 again. If a thread's share of the input fits in half of L2
@@ -440,7 +439,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
 #pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
   {
     Buf<T> ph(S > 1 ? s.Cin * S * Wq : 0);
-    Buf<T> xs(stage ? cin_g * ldx : 0);
+    Buf<T> xs(S == 1 ? cin_g * ldx : 0);
     Tap<T> taps[64];
     Buf<Tap<T>> taps_big(K > 64 ? K : 0);
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
@@ -454,7 +453,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
             const i64 n = u / ch.nch, ja = (u % ch.nch) * ch.CH, jb = imin(Lo, ja + ch.CH);
             for (i64 k = 0; k < K; ++k)
               tp[k] = Tap<T>{x + (n * s.Cin + g * cin_g) * s.L, k * s.dilation - s.pad, s.L};
-            const i64 cs = stage ? stage_taps(tp, int(K), cin_g, s.L, ja, jb, TW, xs.p, ldx) : s.L;
+            const i64 cs = stage_taps(tp, int(K), cin_g, s.L, ja, jb, TW, xs.p, ldx);
             const i64 co0 = g * cout_g + r0;
             ConvUnit<V> cu{tp,
                            int(K),
@@ -489,8 +488,7 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
               tp[k] = Tap<T>{ph.p + (r * s.Cin + g * cin_g) * Wq - qbeg, d, imin(len_r, qend)};
             }
           }
-          i64 cs = S == 1 ? s.L : Wq;
-          if (stage) cs = stage_taps(tp, int(K), cin_g, cs, ja, jb, TW, xs.p, ldx);
+          const i64 cs = S == 1 ? stage_taps(tp, int(K), cin_g, s.L, ja, jb, TW, xs.p, ldx) : Wq;
           ConvUnit<V> cu{tp,
                          int(K),
                          cs,
