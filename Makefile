@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/mxop/*.cc \
+BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/engine/*.h csrc/mxop/*.cc \
                   csrc/mxop/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) \
                 CMakeLists.txt setup.py pyproject.toml tools/build_cubins.py \
                 fusedres/cuda/build_options.py
