@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-BUILD_INPUTS := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/engine/*.h csrc/mxop/*.cc \
-                  csrc/mxop/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) \
+# Every source under csrc/, at any depth (a per-folder list missed csrc/cpu/engine/).
+BUILD_INPUTS := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cc' -o -name '*.h' \
+                  -o -name '*.cu' -o -name '*.cuh' \)) \
                 CMakeLists.txt setup.py pyproject.toml tools/build_cubins.py \
                 fusedres/cuda/build_options.py
 
