@@ -146,6 +146,13 @@ SMALL = [
     ConvCase(2, 10, 1030, 6, 7, 1, 0, 1, 1, False),       # dz rows (the data gradient's)
     ConvCase(2, 9, 2048, 12, 3, 2, 1, 1, 1, True),        # dz rows, stride 2 phases
     ConvCase(2, 20, 1024, 18, 3, 1, 1, 1, 2, True),       # both, groups 2
+    # the backward in one pass per unit (backward_units: stride 1, pad <= (K - 1) * dilation,
+    # more inputs per group than the row tiles take): 8 chunks of one item whose dz shares
+    # start 24 positions before their dx chunks (pad 0, dilation 3); pad at its limit with
+    # groups; two chunks per item, the last shorter
+    ConvCase(1, 40, 1000, 24, 9, 1, 0, 3, 1, True),
+    ConvCase(2, 48, 700, 20, 3, 1, 2, 1, 2, False),
+    ConvCase(3, 24, 1500, 40, 5, 1, 2, 1, 1, True),
 ]
 
 

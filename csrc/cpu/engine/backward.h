@@ -336,16 +336,16 @@ FR_INLINE void transpose_window(const typename V::T* xg, i64 L, i64 cin_g, i64 C
   }
 }
 
-// One group's weight-gradient tiles over rows [0, rows) of dz_g (row stride Lo) and positions
-// [ja, jb), xT's row of position p at (p - pb): dst[r * dst_row + k * CP + ci] += their float
-// sums.
+// One group's weight-gradient tiles over rows [0, rows) of dz_g (row stride ldz, indexed by
+// position) and positions [ja, jb), xT's row of position p at (p - pb):
+// dst[r * dst_row + k * CP + ci] += their float sums.
 template <class V, bool MULTI>
-FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 rows,
+FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 ldz, i64 rows,
                          const typename V::T* xT, i64 CP, i64 pb, i64 ja, i64 jb, double* dst,
                          i64 dst_row, const DwItems& it) {
   using T = typename V::T;
   constexpr int DNR = V::DNR;
-  const i64 Lo = s.Lout(), S = s.stride, nvec = CP / V::W;
+  const i64 Lo = ldz, S = s.stride, nvec = CP / V::W;
   for (i64 k = 0; k < s.K; ++k) {
     // xT row of position l*S + off is (l*S + off - pb); shift the base so index l*S*CP works
     const T* xk = xT + (k * s.dilation - s.pad - pb) * CP;
@@ -363,6 +363,23 @@ FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 ro
       else
         dw_block<V, 1, MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
     }
+  }
+}
+
+// dw from `used` threads' partial sums (each [Cout][K][CP], one after another): added in thread
+// order, per output channel (rows in parallel).
+template <typename T>
+void dw_from_partials(const Conv1dShape& s, double* acc, int used, i64 CP, T* dw) {
+  const i64 cin_g = s.Cin / s.groups, K = s.K, dst_row = K * CP, total = s.Cout * dst_row;
+#pragma omp parallel for schedule(static) if (i64(used) * total >= (i64(1) << 16))
+  for (i64 co = 0; co < s.Cout; ++co) {
+    double* row = acc + co * dst_row;
+    for (int t = 1; t < used; ++t) {
+      const double* src = row + i64(t) * total;
+      for (i64 i = 0; i < dst_row; ++i) row[i] += src[i];
+    }
+    for (i64 ci = 0; ci < cin_g; ++ci)
+      for (i64 k = 0; k < K; ++k) dw[(co * cin_g + ci) * K + k] = static_cast<T>(row[k * CP + ci]);
   }
 }
 
@@ -421,8 +438,8 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
             for (i64 i = 0; i < nn; ++i)
               transpose_window<V>(x + ((n0 + i) * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe,
                                   xT.p + i * xrows * CP);
-            dw_window<V, true>(s, dz + (n0 * s.Cout + g * cout_g + r0) * Lo, nr, xT.p, CP, pb, ja,
-                               jb, acc.p + (g * cout_g + r0) * dst_row, dst_row,
+            dw_window<V, true>(s, dz + (n0 * s.Cout + g * cout_g + r0) * Lo, Lo, nr, xT.p, CP, pb,
+                               ja, jb, acc.p + (g * cout_g + r0) * dst_row, dst_row,
                                DwItems{nn, s.Cout * Lo, xrows * CP});
           }
       }
@@ -438,24 +455,131 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
         const i64 pb = ja * S + offmin, pe = (jb - 1) * S + offmax + 1;
         for (i64 g = 0; g < G; ++g) {
           transpose_window<V>(x + (n * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe, xT.p);
-          dw_window<V, false>(s, dz + (n * s.Cout + g * cout_g) * Lo, cout_g, xT.p, CP, pb, ja, jb,
+          dw_window<V, false>(s, dz + (n * s.Cout + g * cout_g) * Lo, Lo, cout_g, xT.p, CP, pb, ja,
+                              jb, mine + g * cout_g * dst_row, dst_row, DwItems{});
+        }
+      }
+    }
+  }
+  dw_from_partials(s, acc.p, used, CP, dw);
+}
+
+// The backward's three passes over dz in one, for stride 1: per unit (batch item, chunk
+// [ja, jb) of dx positions) and group, dz is computed from dy and z (bn_bwd_dz's formula) into
+// the window the data gradient's taps read (as stage_taps would copy it, zero outside
+// [0, Lout)), the data gradient runs from it, and the weight gradient sums it against the
+// input over the unit's share [la, lb) of dz positions (the shares partition [0, Lout)). dz is
+// never written out and read back twice: at (32, 64, 1024) -> 64 k3 (AVX2, 2 threads) the
+// separate passes cost 2.7 ms of a 12.4 ms backward, against 9.7 ms for the two convolutions
+// alone. Same dz values as bn_bwd_dz; the weight gradient sums them in another order (per
+// unit, per-thread double sums added in thread order), the bias gradient per unit in unit
+// order. Needs pad <= (K - 1) * dilation (the last unit's window then holds every dz position
+// past it).
+template <typename T>
+bool backward_units_fit(const Conv1dShape& s, bool want_dw) {
+  using V = typename VecOf<T>::type;
+  const i64 cin_g = s.Cin / s.groups, CP = rup(cin_g, V::W);
+  if (s.stride != 1 || s.pad > (s.K - 1) * s.dilation) return false;
+  if (!want_dw) return true;
+  // The weight gradient as conv_bwd_weight's default split does it: inputs per group past the
+  // row tiles' range, and per-thread sums that stay in L2.
+  constexpr i64 rows_max = V::DMR == 6 || sizeof(T) == 8 ? V::W : V::W / 2;
+  return cin_g > rows_max && s.Cout * s.K * CP * i64(sizeof(double)) <= (i64(512) << 10);
+}
+
+template <typename T>
+void backward_units(const Conv1dShape& s, bool batch_stats, const T* dy, const T* x, const T* w,
+                    const T* z, const T* gamma, const T* beta, const T* mean, const T* invstd,
+                    bool relu, const BnSums& sums, T* dx, T* dw, T* dbias) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  constexpr i64 TW = V::NR * W;
+  const i64 Lo = s.Lout(), M = s.N * Lo;
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K, dil = s.dilation;
+  const i64 CP = rup(cin_g, W), dst_row = K * CP;
+  // dx position j reads dz at j + pad - k*dil: tap offsets in [omin, omax]
+  const i64 omin = s.pad - (K - 1) * dil, omax = s.pad;
+  const i64 bytes_per_pos = (cout_g + (dw ? CP : 0)) * i64(sizeof(T));
+  const Chunks ch = make_chunks(s.N, s.L, TW, bytes_per_pos);
+  const i64 ldz = alias_free_ld<T>(ch.CH + TW + omax - omin);
+  const i64 xrows = ch.CH + s.pad + (K - 1) * dil;  // the longest share plus the taps' span
+  const i64 wgroup = cdiv(cin_g, V::MR) * V::MR * K * cout_g;
+  Buf<T> wt(dx ? G * wgroup : 0);
+  Buf<int> tapk(K);
+  for (i64 k = 0; k < K; ++k) tapk.p[k] = int(k);
+  if (dx)
+    for (i64 g = 0; g < G; ++g)
+      pack_weights<V>(wt.p + g * wgroup, 1, cin_g, cout_g, int(K), tapk.p,
+                      w + g * cout_g * cin_g * K, 0, K, cin_g * K);
+  const i64 nunits = s.N * ch.nch;
+  const int nthr = omp_get_max_threads();
+  Buf<double> acc(dw ? i64(nthr) * s.Cout * dst_row : 0);
+  Buf<double> part(nunits * s.Cout);  // per unit and channel: sum of dz over the unit's share
+  int used = 1;
+#pragma omp parallel if (worth_threads(s.N * s.Cout * Lo * cin_g * K))
+  {
+    Buf<T> zs(cout_g * ldz);
+    Buf<T> xT(dw ? xrows * CP : 0);
+    Tap<T> taps[64];
+    Buf<Tap<T>> taps_big(K > 64 ? K : 0);
+    Tap<T>* tp = K > 64 ? taps_big.p : taps;
+    const int tid = omp_get_thread_num();
+#pragma omp single
+    used = omp_get_num_threads();
+    double* mine = dw ? acc.p + i64(tid) * s.Cout * dst_row : nullptr;
+    if (dw) std::memset(mine, 0, sizeof(double) * size_t(s.Cout * dst_row));
+#pragma omp for schedule(static)
+    for (i64 u = 0; u < nunits; ++u) {
+      const i64 n = u / ch.nch, c = u % ch.nch, ja = c * ch.CH, jb = imin(s.L, ja + ch.CH);
+      // this unit's share of dz positions
+      const i64 la = c == 0 ? 0 : iclamp(ja + omin, 0, Lo);
+      const i64 lb = c + 1 == ch.nch ? Lo : iclamp(jb + omin, 0, Lo);
+      // the window [q0, q0 + nq) the data gradient's tiles read: [la, qb) of it inside the row
+      // (la = max(q0, 0)), the share first
+      const i64 q0 = ja + omin, nq = jb - ja + TW + omax - omin, qb = iclamp(q0 + nq, la, Lo);
+      for (i64 g = 0; g < G; ++g) {
+        for (i64 r = 0; r < cout_g; ++r) {
+          const i64 co = g * cout_g + r, row = (n * s.Cout + co) * Lo;
+          const BnChannel<V> bc(gamma[co], beta[co], mean[co], invstd[co], relu);
+          const BnGrad<V> bg(gamma[co], mean[co], invstd[co], batch_stats, sums.g.p[co],
+                             sums.gx.p[co], double(M));
+          T* d = zs.p + r * ldz - q0;  // d[q] is dz at position q
+          std::fill(d + q0, d + la, T(0));
+          part.p[u * s.Cout + co] =
+              bn_dz_row<V>(bc, bg, z + row + la, dy + row + la, d + la, lb - la);
+          bn_dz_row<V>(bc, bg, z + row + lb, dy + row + lb, d + lb, qb - lb);
+          std::fill(d + qb, d + q0 + nq, T(0));
+        }
+        if (dx) {
+          for (i64 k = 0; k < K; ++k) tp[k] = Tap<T>{zs.p - ja, s.pad - k * dil - omin, ja + nq};
+          ConvUnit<V> cu{tp,
+                         int(K),
+                         ldz,
+                         cout_g,
+                         wt.p + g * wgroup,
+                         cin_g,
+                         nullptr,
+                         dx + (n * s.Cin + g * cin_g) * s.L,
+                         s.L,
+                         nullptr};
+          run_conv_unit<V, E_STORE>(cu, ja, jb);
+        }
+        if (dw && la < lb) {
+          const i64 pb = la - s.pad, pe = lb - 1 + (K - 1) * dil - s.pad + 1;
+          transpose_window<V>(x + (n * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe, xT.p);
+          dw_window<V, false>(s, zs.p - q0, ldz, cout_g, xT.p, CP, pb, la, lb,
                               mine + g * cout_g * dst_row, dst_row, DwItems{});
         }
       }
     }
   }
-  // reduce thread partials in thread order, per output channel (rows in parallel)
-  const i64 total = s.Cout * dst_row;
-#pragma omp parallel for schedule(static) if (i64(used) * total >= (i64(1) << 16))
-  for (i64 co = 0; co < s.Cout; ++co) {
-    double* row = acc.p + co * dst_row;
-    for (int t = 1; t < used; ++t) {
-      const double* src = row + i64(t) * total;
-      for (i64 i = 0; i < dst_row; ++i) row[i] += src[i];
+  if (dbias)
+    for (i64 co = 0; co < s.Cout; ++co) {
+      double a = 0;
+      for (i64 u = 0; u < nunits; ++u) a += part.p[u * s.Cout + co];
+      dbias[co] = static_cast<T>(a);
     }
-    for (i64 ci = 0; ci < cin_g; ++ci)
-      for (i64 k = 0; k < K; ++k) dw[(co * cin_g + ci) * K + k] = static_cast<T>(row[k * CP + ci]);
-  }
+  if (dw) dw_from_partials(s, acc.p, used, CP, dw);
 }
 
 // Zero-padded phases of one input row: ph[r * Lq + q] = x[q*S + r - pad] for q in [0, Lq), 0
@@ -623,6 +747,11 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   BnSums sums(s.Cout);
   bn_bwd_reduce(s, dy, z, gamma, beta, mean, invstd, relu, &sums, dgamma, dbeta);
   if (!need_dz) return;
+  if (backward_units_fit<T>(s, dw != nullptr)) {
+    backward_units(s, batch_stats, dy, x, w, z, gamma, beta, mean, invstd, relu, sums, dx, dw,
+                   dbias);
+    return;
+  }
   T* dz = workspace<T>(s.N * s.Cout * s.Lout());
   bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
   if (dx) conv_bwd_data(s, dz, w, dx);
