@@ -567,8 +567,11 @@ void backward_units(const Conv1dShape& s, bool batch_stats, const T* dy, const T
         if (dw && la < lb) {
           const i64 pb = la - s.pad, pe = lb - 1 + (K - 1) * dil - s.pad + 1;
           transpose_window<V>(x + (n * s.Cin + g * cin_g) * s.L, s.L, cin_g, CP, pb, pe, xT.p);
-          dw_window<V, false>(s, zs.p - q0, ldz, cout_g, xT.p, CP, pb, la, lb,
-                              mine + g * cout_g * dst_row, dst_row, DwItems{});
+          // float sums over at most 512 positions before each flush to double, as
+          // conv_bwd_weight's chunks (a share of few channels can be thousands long)
+          for (i64 l0 = la; l0 < lb; l0 += 512)
+            dw_window<V, false>(s, zs.p - q0, ldz, cout_g, xT.p, CP, pb, l0, imin(lb, l0 + 512),
+                                mine + g * cout_g * dst_row, dst_row, DwItems{});
         }
       }
     }
