@@ -234,6 +234,22 @@ void bn_bwd_dz(const Conv1dShape& s, bool batch_stats, const T* dy, const T* z, 
     }
 }
 
+// The data gradient's weights for one stride phase, every group: w as [i][o][k] (the
+// transposed conv) packed over the phase's nt taps tapk, dgrad_wgroup<V>(s) per group.
+template <class V>
+i64 dgrad_wgroup(const Conv1dShape& s) {
+  const i64 cin_g = s.Cin / s.groups, cout_g = s.Cout / s.groups;
+  return cdiv(cin_g, V::MR) * V::MR * s.K * cout_g;
+}
+template <class V>
+void pack_dgrad_weights(const Conv1dShape& s, int nt, const int* tapk, const typename V::T* w,
+                        typename V::T* wt) {
+  const i64 G = s.groups, cin_g = s.Cin / G, cout_g = s.Cout / G, K = s.K;
+  for (i64 g = 0; g < G; ++g)
+    pack_weights<V>(wt + g * dgrad_wgroup<V>(s), 1, cin_g, cout_g, nt, tapk,
+                    w + g * cout_g * cin_g * K, 0, K, cin_g * K);
+}
+
 template <typename T>
 void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   using V = typename VecOf<T>::type;
@@ -243,11 +259,10 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   // conv_bwd_data: dx = conv_transpose(dz, w): a forward conv of dz (Cout_g inputs) to Cin_g
   // outputs, one output phase at a time when stride > 1 (phase r gets the taps with (r + pad -
   // k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
-  constexpr int MR = V::MR;
   const i64 nph = S;
   const i64 Lq0 = cdiv(s.L, S);
   const Chunks ch = make_chunks(s.N, Lq0, V::NR * W, s.Cout * i64(sizeof(T)));
-  const i64 wgroup = cdiv(cin_g, MR) * MR * K * cout_g;
+  const i64 wgroup = dgrad_wgroup<V>(s);
   Buf<T> wt(nph * G * wgroup);
   Buf<int> ntap(nph), tapk(nph * K);
   for (i64 r = 0; r < nph; ++r) {
@@ -255,9 +270,7 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
     for (i64 k = 0; k < K; ++k)
       if (fmod_pos(r + s.pad - k * s.dilation, S) == 0) tapk.p[r * K + nt++] = int(k);
     ntap.p[r] = nt;
-    for (i64 g = 0; g < G; ++g)
-      pack_weights<V>(wt.p + (r * G + g) * wgroup, 1, cin_g, cout_g, nt, tapk.p + r * K,
-                      w + g * cout_g * cin_g * K, 0, K, cin_g * K);
+    pack_dgrad_weights<V>(s, nt, tapk.p + r * K, w, wt.p + r * G * wgroup);
   }
   const i64 nunits = s.N * ch.nch;
   // dz rows that alias in L1 are staged per unit (stage_taps); a phase's taps span at most
@@ -345,7 +358,7 @@ FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 ld
                          i64 dst_row, const DwItems& it) {
   using T = typename V::T;
   constexpr int DNR = V::DNR;
-  const i64 Lo = ldz, S = s.stride, nvec = CP / V::W;
+  const i64 S = s.stride, nvec = CP / V::W;
   for (i64 k = 0; k < s.K; ++k) {
     // xT row of position l*S + off is (l*S + off - pb); shift the base so index l*S*CP works
     const T* xk = xT + (k * s.dilation - s.pad - pb) * CP;
@@ -353,15 +366,15 @@ FR_INLINE void dw_window(const Conv1dShape& s, const typename V::T* dz_g, i64 ld
     for (i64 civ = 0; civ < nvec; civ += DNR) {
       const i64 nv = imin(DNR, nvec - civ);
       if (nv == DNR)
-        dw_block<V, DNR, MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
+        dw_block<V, DNR, MULTI>(dz_g, ldz, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
       else if (DNR > 3 && nv == 3)
-        dw_block<V, (DNR > 3 ? 3 : 1), MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
+        dw_block<V, (DNR > 3 ? 3 : 1), MULTI>(dz_g, ldz, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
                                               it);
       else if (DNR > 2 && nv == 2)
-        dw_block<V, (DNR > 2 ? 2 : 1), MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
+        dw_block<V, (DNR > 2 ? 2 : 1), MULTI>(dz_g, ldz, rows, xk, CP, S, ja, jb, civ, dk, dst_row,
                                               it);
       else
-        dw_block<V, 1, MULTI>(dz_g, Lo, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
+        dw_block<V, 1, MULTI>(dz_g, ldz, rows, xk, CP, S, ja, jb, civ, dk, dst_row, it);
     }
   }
 }
@@ -475,16 +488,28 @@ void conv_bwd_weight(const Conv1dShape& s, const T* dz, const T* x, T* dw) {
 // unit, per-thread double sums added in thread order), the bias gradient per unit in unit
 // order. Needs pad <= (K - 1) * dilation (the last unit's window then holds every dz position
 // past it).
+// Whether the weight gradient goes by the row tiles (conv_bwd_weight_rows) rather than the
+// tiles over the transposed input: up to a vector of input channels per group on AVX-512 and
+// for float64, half of one for AVX2 float (A/B of the two paths in one build, 2 threads,
+// AVX-512: float32 (32,32,1024) k3 tiles 1.06 ms, rows 1.60; float64 (16,8,4096) -> 32 k5 s2
+// rows 1.91, tiles 3.06, 16 channels about even; AVX2 float32 (16,8,4096) k5 s2 rows 1.61,
+// tiles 1.22; AVX2 float64 4 channels rows 0.13, tiles 0.23).
+template <typename T>
+bool dw_by_rows(const Conv1dShape& s) {
+  using V = typename VecOf<T>::type;
+  constexpr i64 rows_max = V::DMR == 6 || sizeof(T) == 8 ? V::W : V::W / 2;
+  return s.Cin / s.groups <= rows_max;
+}
+
 template <typename T>
 bool backward_units_fit(const Conv1dShape& s, bool want_dw) {
   using V = typename VecOf<T>::type;
   const i64 cin_g = s.Cin / s.groups, CP = rup(cin_g, V::W);
   if (s.stride != 1 || s.pad > (s.K - 1) * s.dilation) return false;
   if (!want_dw) return true;
-  // The weight gradient as conv_bwd_weight's default split does it: inputs per group past the
-  // row tiles' range, and per-thread sums that stay in L2.
-  constexpr i64 rows_max = V::DMR == 6 || sizeof(T) == 8 ? V::W : V::W / 2;
-  return cin_g > rows_max && s.Cout * s.K * CP * i64(sizeof(double)) <= (i64(512) << 10);
+  // The weight gradient as conv_bwd_weight's default split does it: not by the row tiles, and
+  // per-thread sums that stay in L2.
+  return !dw_by_rows<T>(s) && s.Cout * s.K * CP * i64(sizeof(double)) <= (i64(512) << 10);
 }
 
 template <typename T>
@@ -503,14 +528,11 @@ void backward_units(const Conv1dShape& s, bool batch_stats, const T* dy, const T
   const Chunks ch = make_chunks(s.N, s.L, TW, bytes_per_pos);
   const i64 ldz = alias_free_ld<T>(ch.CH + TW + omax - omin);
   const i64 xrows = ch.CH + s.pad + (K - 1) * dil;  // the longest share plus the taps' span
-  const i64 wgroup = cdiv(cin_g, V::MR) * V::MR * K * cout_g;
+  const i64 wgroup = dgrad_wgroup<V>(s);
   Buf<T> wt(dx ? G * wgroup : 0);
   Buf<int> tapk(K);
   for (i64 k = 0; k < K; ++k) tapk.p[k] = int(k);
-  if (dx)
-    for (i64 g = 0; g < G; ++g)
-      pack_weights<V>(wt.p + g * wgroup, 1, cin_g, cout_g, int(K), tapk.p,
-                      w + g * cout_g * cin_g * K, 0, K, cin_g * K);
+  if (dx) pack_dgrad_weights<V>(s, int(K), tapk.p, w, wt.p);
   const i64 nunits = s.N * ch.nch;
   const int nthr = omp_get_max_threads();
   Buf<double> acc(dw ? i64(nthr) * s.Cout * dst_row : 0);
@@ -759,14 +781,7 @@ void backward_impl(const Conv1dShape& s, bool batch_stats, const T* dy, const T*
   bn_bwd_dz(s, batch_stats, dy, z, gamma, beta, mean, invstd, relu, sums, dz, dbias);
   if (dx) conv_bwd_data(s, dz, w, dx);
   if (dw) {
-    // Up to how many input channels per group the weight gradient goes by the row tiles: a
-    // vector on AVX-512 and for float64, half of one for AVX2 float (A/B of the two paths in one
-    // build, 2 threads, AVX-512: float32 (32,32,1024) k3 tiles 1.06 ms, rows 1.60; float64
-    // (16,8,4096) -> 32 k5 s2 rows 1.91, tiles 3.06, 16 channels about even; AVX2 float32
-    // (16,8,4096) k5 s2 rows 1.61, tiles 1.22; AVX2 float64 4 channels rows 0.13, tiles 0.23).
-    using V = typename VecOf<T>::type;
-    constexpr i64 rows_max = V::DMR == 6 || sizeof(T) == 8 ? V::W : V::W / 2;
-    if (s.Cin / s.groups <= rows_max)
+    if (dw_by_rows<T>(s))
       conv_bwd_weight_rows(s, dz, x, dw);
     else
       conv_bwd_weight(s, dz, x, dw);
