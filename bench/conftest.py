@@ -108,7 +108,9 @@ class Results:
             f"{'; QUICK smoke run (3 rounds a row): not results' if QUICK else ''}.",
             "",
             "Each row times all contenders **interleaved** on the same input values: rounds in "
-            "which every contender runs, the order rotating; in each round a contender first "
+            "which every contender runs, in an order that changes from round to round (seeded "
+            "permutations: each contender follows every other alike); in each round a "
+            "contender first "
             f"runs untimed for {benchmarks.SETTLE_S * 1e3:g} ms (at least once: whatever the "
             "previous one left behind, such as threads still spinning, is spent there), then "
             f"timed for {benchmarks.BLOCK_S * 1e3:g} ms (at least once); "

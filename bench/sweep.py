@@ -14,12 +14,12 @@ sample picks, from the points whose forward convolution is at most --max-gflop, 
 the point whose axis values have appeared least so far (ties broken by a seeded shuffle): every
 value of every axis appears about equally often.
 
-Contenders, timed interleaved (round-robin, the order rotating) on the same input values:
+Contenders, timed interleaved (rounds, the order permuted) on the same input values:
 fused, stock MXNet (Conv2D(1,k) on data kept (N, C, 1, W) and, in inference, hybridized
 Conv1D; the ratio uses the faster), PyTorch eager and, in inference, PyTorch with the BatchNorm
 folded into the conv (PyTorch in a process of its own: bench/peers.py). --reps rounds (default
-7) per shape and mode, each contender settling untimed and then timed for a few milliseconds
-in each round (benchmarks.interleaved_times); medians of the timed calls. Every shape and mode
+7) per shape and mode, each contender settling untimed (60 ms) and then timed (5 ms) in each
+round (benchmarks.interleaved_times); medians of the timed calls. Every shape and mode
 where fused is slower than a peer is timed again (twice the rounds) in a fresh process that
 times only that shape and mode, and listed with both ratios. (The small calls of every MXNet
 contender, fused and stock, used to slow down 2-5x in one long process: the numpy copies for

@@ -22,15 +22,16 @@ from fusedres.nn import AddReLU, ConvBNReLU1D
 def _interleaved(benchmark, contenders, n_rounds):
     """pytest-benchmark times whole rounds; the per-contender medians (what the results file
     reports) come from the same rounds, as benchmarks.interleaved_times times them: the order
-    rotating from round to round, each contender settling (untimed) before its timed calls."""
+    changing from round to round (benchmarks.round_order), each contender settling (untimed)
+    before its timed calls."""
     times = {k: [] for k in contenders}
     names = list(contenders)
     rnd = [0]
 
     def one_round():
-        r = rnd[0] % len(names)
+        order = benchmarks.round_order(names, rnd[0])
         rnd[0] += 1
-        for k in names[r:] + names[:r]:
+        for k in order:
             times[k] += benchmarks.timed_block(contenders[k])
     for _ in range(3):
         one_round()

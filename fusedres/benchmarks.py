@@ -226,9 +226,12 @@ def timed_call(fn):
 # In each round, each contender runs untimed for SETTLE_S seconds (at least one call), then
 # timed for BLOCK_S seconds (at least one call, each call a sample). After a call, each of
 # the libraries here (the fused kernels' threads, MXNet's and PyTorch's OpenMP threads) keeps
-# 1-2 processors spinning for a few milliseconds: 4-8 ms of CPU time in all, measured on 2
-# processors (2026-12); SETTLE_S outlasts that.
-SETTLE_S = 0.02
+# a processor spinning: 12-15 ms of CPU time after a batch-1 (1, 256, 256) k3 inference, in
+# this process and in PyTorch's (measured on 2 processors, 2026-12-03). Sharing a processor
+# with the next contender, that spin lasts up to twice as long in wall time; with SETTLE_S at
+# 20 ms, the contender after PyTorch's ran 1.1-1.3x slower than alone at that shape. SETTLE_S
+# outlasts it.
+SETTLE_S = 0.06
 BLOCK_S = 0.005
 
 
@@ -247,23 +250,28 @@ def timed_block(fn, settle_s=SETTLE_S, block_s=BLOCK_S):
 
 def interleaved_times(contenders, reps, warmup=2, settle_s=SETTLE_S, block_s=BLOCK_S):
     """Seconds of each timed call of each contender (see timed_call), from reps rounds after
-    warmup rounds. Each round runs every contender, the order rotating from round to round, so
-    that machine noise hits all of them alike; within a round each contender first runs
-    untimed for settle_s (at least once), so that what the previous one left behind (threads
-    still spinning, here or in PyTorch's process) is spent there, then timed for block_s (at
-    least once): each is timed in its own steady state, as a program running only it would
-    see it. (How a fused layer fares right after a stock one is measured on its own:
-    bench/test_cpu.py's alone/alternating rows, and the whole-model rows.)"""
+    warmup rounds. Each round runs every contender, in an order that changes from round to
+    round (round_order), so that machine noise hits all of them alike; within a round each
+    contender first runs untimed for settle_s (at least once), so that what the previous one
+    left behind (threads still spinning, here or in PyTorch's process) is spent there, then
+    timed for block_s (at least once): each is timed in its own steady state, as a program
+    running only it would see it. (How a fused layer fares right after a stock one is measured
+    on its own: bench/test_cpu.py's alone/alternating rows, and the whole-model rows.)"""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     times = {k: [] for k in contenders}
-    names = list(contenders)
     for i in range(reps):
-        r = i % len(names)
-        for k in names[r:] + names[:r]:
+        for k in round_order(list(contenders), i):
             times[k] += timed_block(contenders[k], settle_s, block_s)
     return times
+
+
+def round_order(names, i):
+    """The order of round i: a permutation of names, a fixed one for each i (seeded), so that
+    each contender starts rounds and follows every other one alike (a plain rotation would
+    have each follow always the same one, and take whatever that one leaves behind)."""
+    return [names[j] for j in np.random.default_rng(i).permutation(len(names))]
 
 
 def interleaved_medians(contenders, reps, warmup=2):

@@ -33,3 +33,23 @@ def test_floor_explains_only_cases_against_pytorch():
     assert against_stock == "not yet explained"
     assert against_torch.startswith("MXNet's per-call floor")
     assert too_slow == "not yet explained"
+
+
+def test_round_order_has_each_contender_follow_every_other():
+    """benchmarks.round_order: every round a permutation, and over the rounds each contender
+    runs right after every other one (a plain rotation has each follow always the same one,
+    which then slows it down by whatever it leaves behind: threads still spinning)."""
+    from collections import Counter
+
+    from fusedres import benchmarks
+    names = ["fused", "stock 4-D", "stock Conv1D", "torch", "torch folded"]
+    orders = [benchmarks.round_order(names, i) for i in range(60)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [benchmarks.round_order(names, i) for i in range(60)]  # fixed per round
+    sequence = [k for o in orders for k in o]
+    follows = Counter(zip(sequence, sequence[1:]))
+    for a in names:
+        for b in names:
+            if a != b:
+                assert follows[(b, a)] >= 5, (a, b, follows)
+    assert min(Counter(o[0] for o in orders).values()) >= 5
