@@ -133,6 +133,11 @@ SMALL = [
     ConvCase(2, 8, 45, 8, 2, 3, 0, 1, 8, True),
     # weights beyond L2 on short rows: the forward's row-blocked schedule (at 1 thread too)
     ConvCase(4, 256, 32, 250, 3, 1, 1, 1, 1, True),
+    # the same schedule's inputs staged once per group for all of a thread's units: 2 groups of
+    # 3 units (16, 16 and 8 positions: threads with 1 and 2 of them), and 1 unit (a thread
+    # without any)
+    ConvCase(1, 512, 40, 512, 3, 1, 1, 1, 2, True),
+    ConvCase(1, 256, 14, 256, 5, 1, 2, 1, 1, False),
     # weight-gradient sums beyond L2 (conv_bwd_weight's row split): short rows summed over
     # runs of 5 and then 4 batch items, stride 2; and 4 groups, each split across the threads
     ConvCase(9, 150, 200, 200, 5, 2, 2, 1, 1, True),
