@@ -448,7 +448,8 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
     Tap<T>* tp = K > 64 ? taps_big.p : taps;
     if (row_blocked) {
       // Each thread takes its share of the units a block of output rows at a time, their
-      // inputs staged once per group (they fit in half of L2: row_blocked's condition).
+      // inputs staged once per group (row_blocked's condition bounds the windows read to half
+      // of L2; the staged rows, ldx apart, hold up to a tile and alias padding more).
       const int nt = omp_get_num_threads(), t = omp_get_thread_num();
       const i64 u0 = nunits * t / nt, u1 = nunits * (t + 1) / nt, nu = u1 - u0;
       Buf<T> xall(nu * cin_g * ldx);  // [unit][cin_g][ldx]
