@@ -158,6 +158,10 @@ SMALL = [
     ConvCase(1, 40, 1000, 24, 9, 1, 0, 3, 1, True),
     ConvCase(2, 48, 700, 20, 3, 1, 2, 1, 2, False),
     ConvCase(3, 24, 1500, 40, 5, 1, 2, 1, 1, True),
+    # few units for the threads: chunks cut to a multiple of the vector width, not of the tile,
+    # to balance the threads (make_chunks); forward, data gradient and one pass, stride 2
+    ConvCase(1, 64, 250, 64, 3, 1, 1, 1, 1, True),
+    ConvCase(3, 32, 100, 40, 3, 2, 1, 1, 1, True),
 ]
 
 
@@ -535,6 +539,23 @@ def test_kernels_use_every_processor_unless_omp_num_threads_says_otherwise():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(env, OMP_NUM_THREADS="3"), check=True).stdout
     assert int(out) == 3
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "5"])
+def test_small_batches_at_other_thread_counts(threads):
+    """Small batches are cut into units by the thread count (make_chunks, conv_tiles.h): the
+    forward, inference and backward checks of the batch-1 and batch-3 cases, at other team
+    sizes (this file in a process of its own)."""
+    import os
+    import subprocess
+    sel = ("(test_forward_train_batch_stats or test_forward_infer or test_backward) "
+           "and not some_grads and (n1c or n3c)")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", sel], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=threads), cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    passed = int(r.stdout.strip().splitlines()[-1].split()[0])
+    assert passed >= 100, r.stdout[-500:]
 
 
 @pytest.mark.parametrize("data, weight, stride, pad, dilate, num_group, eps", BAD_KERNEL_CALLS)

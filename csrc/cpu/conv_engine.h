@@ -9,11 +9,13 @@
 // (masked loads at the zero-padded edges). Stride > 1 first splits each input chunk into its
 // `stride` phases, which turns every tap into a shifted view again.
 //
-// Work is split into units (batch item, chunk of positions) chosen independently of the number
-// of threads; batch statistics are kept per unit (shifted sums, merged in unit order with
-// Chan's formula) so forward results do not depend on the thread count. The weight gradient
-// is accumulated in per-thread double buffers summed in thread order: deterministic for a given
-// OMP_NUM_THREADS.
+// Work is split into units (batch item, chunk of positions, make_chunks); batch statistics are
+// kept per unit (shifted sums, merged in unit order with Chan's formula), and the weight
+// gradient is accumulated in per-thread double buffers summed in thread order: deterministic
+// for a given OMP_NUM_THREADS. The units do not depend on the thread count unless there are
+// few of them for the threads (small batches: N * chunks < 8 * threads), where they are cut to
+// balance the threads' work; forward results then differ in their last bits between thread
+// counts.
 #pragma once
 #include <omp.h>
 

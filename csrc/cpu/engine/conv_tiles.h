@@ -248,15 +248,46 @@ void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const 
   }
 }
 
-// Output-position chunking shared by the forward passes: a unit is (n, chunk).
+// The first of n units that thread t of nt takes in a `schedule(static)` loop (libgomp's split:
+// n / nt each, one more for the first n % nt threads).
+FR_INLINE i64 static_first(i64 n, i64 nt, i64 t) { return t * (n / nt) + imin(t, n % nt); }
+
+// Output-position chunking shared by the convolution passes: a unit is (n, chunk of CH
+// positions), the threads take runs of units as schedule(static) splits them. CH: as many
+// positions as keep a unit's input (bytes_per_pos each) within 192 KiB, a multiple of the
+// tile. With few units for the threads (small batches), the chunks are made smaller, a
+// multiple of the vector width vec, for the split whose busiest thread has the least work,
+// counted in vectors of positions plus one per unit (its staging and pass over the weights);
+// the fewest units among equals. A whole tile per chunk left the threads uneven: at (1, 256,
+// 256) -> 256 k3, chunks of 48 gave one thread 144 positions and the other 112 (inference
+// 0.515 ms); chunks of 128 give each 128 (0.459 ms; A/B in one process, 2 threads, AVX-512).
 struct Chunks {
   i64 CH, nch;
 };
-inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 bytes_per_pos) {
+inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 vec, i64 bytes_per_pos) {
   i64 CH = imax(tile, (192 * 1024 / imax(bytes_per_pos, 1)) / tile * tile);
   CH = imin(CH, rup(Lout, tile));
-  if (N * cdiv(Lout, CH) < 8) CH = imax(tile, rup(cdiv(Lout, cdiv(8, N)), tile));
-  return Chunks{CH, cdiv(Lout, CH)};
+  const i64 nt = omp_get_max_threads();
+  if (nt <= 1 || N * cdiv(Lout, CH) >= 8 * nt) return Chunks{CH, cdiv(Lout, CH)};
+  const i64 nv = cdiv(Lout, vec);  // vectors of positions per row
+  Chunks best{CH, cdiv(Lout, CH)};
+  i64 best_cost = -1;
+  for (i64 want = cdiv(Lout, CH); want <= nv && N * want <= 8 * nt; ++want) {
+    const i64 ch = rup(cdiv(Lout, want), vec), nch = cdiv(Lout, ch), n = N * nch;
+    if (best_cost >= 0 && nch == best.nch) continue;
+    const i64 full = ch / vec, last = nv - (nch - 1) * full;  // vectors of a chunk, of a row's last
+    i64 cost = 0;
+    for (i64 t = 0; t < nt; ++t) {
+      const i64 a = static_first(n, nt, t), b = static_first(n, nt, t + 1);
+      const i64 lasts = b / nch - a / nch;  // row ends among units [a, b)
+      cost = imax(cost, (b - a) * (full + 1) - lasts * (full - last));
+    }
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = Chunks{ch, nch};
+    }
+  }
+  return best;
 }
 
 // Inverse of deinterleave for positions q in [qa, qb): dst[c][q*S + r] =
@@ -451,7 +482,8 @@ void conv_forward_all(const Conv1dShape& s, const typename V::T* x, const typena
       // inputs staged once per group (row_blocked's condition bounds the windows read to half
       // of L2; the staged rows, ldx apart, hold up to a tile and alias padding more).
       const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-      const i64 u0 = nunits * t / nt, u1 = nunits * (t + 1) / nt, nu = u1 - u0;
+      const i64 u0 = static_first(nunits, nt, t), u1 = static_first(nunits, nt, t + 1);
+      const i64 nu = u1 - u0;
       Buf<T> xall(nu * cin_g * ldx);  // [unit][cin_g][ldx]
       Buf<Tap<T>> tall(nu * K);
       Buf<i64> csall(nu);
