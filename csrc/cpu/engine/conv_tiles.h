@@ -217,25 +217,30 @@ void run_conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
 // Packs the weights W[g][o][i][k] = w[g*sg + o*so + i*si + k] (o < rows output rows, i < nci
 // inputs, k over the taps tapk) into [g][cb][tap][i][MR], times scale[g*rows + o] (in double,
 // then rounded) when scale is given. The forward reads w as [o][i][k] (so = nci*K, si = K); the
-// data gradient's transposed weights are w as [i][o][k] (so = K, si = rows*K). Visits input i,
-// then tap, then the MR rows: ntaps write streams, and reads in order either way. In parallel
-// over the blocks when there are many weights (one thread in the order of a row o at a time
-// took a third of the forward at (1, 256, 256) -> 256 k3 and a quarter of the data gradient at
-// (16, 512, 32) -> 512 k3).
+// data gradient's transposed weights are w as [i][o][k] (so = K, si = rows*K). In parallel over
+// pieces of a block of MR rows o by IB inputs i, the blocks' pieces of IB inputs one after
+// another: a piece
+// reads IB inputs' runs of MR rows (IB read streams through w in either layout) and writes
+// ntaps runs of IB * MR values. (A block of rows o over every input at a time read the data
+// gradient's weights a run per input, rows*K apart, and took 11% of the backward at (16, 512,
+// 32) -> 512 k3, AVX-512, 2 threads; one thread in the order of a row o at a time took a third
+// of the forward at (1, 256, 256) -> 256 k3.)
 template <class V>
 void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk,
                   const typename V::T* w, i64 sg, i64 so, i64 si, const double* scale = nullptr) {
   using T = typename V::T;
   constexpr int MR = V::MR;
-  const i64 ncb = cdiv(rows, MR), blk = i64(ntaps) * nci * MR;
+  constexpr i64 IB = 16;
+  const i64 ncb = cdiv(rows, MR), blk = i64(ntaps) * nci * MR, nib = cdiv(nci, IB);
 #pragma omp parallel for schedule(static) if (G * ncb * blk >= (i64(1) << 16))
-  for (i64 gcb = 0; gcb < G * ncb; ++gcb) {
-    const i64 g = gcb / ncb, o0 = (gcb % ncb) * MR;
+  for (i64 item = 0; item < G * ncb * nib; ++item) {
+    const i64 gcb = item % (G * ncb), g = gcb / ncb, o0 = (gcb % ncb) * MR;
+    const i64 i0 = (item / (G * ncb)) * IB, i1 = imin(nci, i0 + IB);
     const int nr = int(imin(MR, rows - o0));
-    const T* src = w + g * sg + o0 * so;
+    const T* src = w + g * sg + o0 * so + i0 * si;
     const double* sc = scale ? scale + g * rows + o0 : nullptr;
     T* b = wp + gcb * blk;
-    for (i64 i = 0; i < nci; ++i, src += si)
+    for (i64 i = i0; i < i1; ++i, src += si)
       for (int t = 0; t < ntaps; ++t) {
         T* d = b + (i64(t) * nci + i) * MR;
         const T* sk = src + tapk[t];
