@@ -277,7 +277,9 @@ inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 vec, i64 bytes_per_pos)
   const i64 nv = cdiv(Lout, vec);  // vectors of positions per row
   Chunks best{CH, cdiv(Lout, CH)};
   i64 best_cost = -1;
-  for (i64 want = cdiv(Lout, CH); want <= nv && N * want <= 8 * nt; ++want) {
+  // at most 64 candidates (each costs a pass over the threads)
+  const i64 w0 = cdiv(Lout, CH), w1 = imin(nv, imax(w0, 8 * nt / N));
+  for (i64 want = w0; want <= w1; want += imax(1, (w1 - w0) / 64)) {
     const i64 ch = rup(cdiv(Lout, want), vec), nch = cdiv(Lout, ch), n = N * nch;
     if (best_cost >= 0 && nch == best.nch) continue;
     const i64 full = ch / vec, last = nv - (nch - 1) * full;  // vectors of a chunk, of a row's last
