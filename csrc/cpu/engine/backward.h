@@ -13,6 +13,8 @@ namespace {
 // The batch items a weight-gradient tile sums over in float: nn items, item i's dz rows
 // dz_step after item 0's and its transposed input xT_step after; assign: the tile's sums are
 // written over its double sums rather than added to them (their first run: no zeroing pass).
+// conv_bwd_weight relies on every dw_window call covering all of its rows x K x CP sums: a
+// call skipped or cut short on a first run would leave them uninitialized.
 struct DwItems {
   i64 nn = 1, dz_step = 0, xT_step = 0;
   bool assign = false;
