@@ -268,7 +268,7 @@ void conv_bwd_data(const Conv1dShape& s, const T* dz, const T* w, T* dx) {
   // k*dil) % stride == 0, at dz offset (r + pad - k*dil) / stride).
   const i64 nph = S;
   const i64 Lq0 = cdiv(s.L, S);
-  const Chunks ch = make_chunks(s.N, Lq0, V::NR * W, W, s.Cout * i64(sizeof(T)));
+  const Chunks ch = make_chunks<V>(s.N, Lq0, s.Cout * i64(sizeof(T)));
   const i64 wgroup = dgrad_wgroup<V>(s);
   Buf<T> wt(nph * G * wgroup);
   Buf<int> ntap(nph), tapk(nph * K);
@@ -536,7 +536,7 @@ void backward_units(const Conv1dShape& s, bool batch_stats, const T* dy, const T
   // dx position j reads dz at j + pad - k*dil: tap offsets in [omin, omax]
   const i64 omin = s.pad - (K - 1) * dil, omax = s.pad;
   const i64 bytes_per_pos = (cout_g + (dw ? CP : 0)) * i64(sizeof(T));
-  const Chunks ch = make_chunks(s.N, s.L, TW, W, bytes_per_pos);
+  const Chunks ch = make_chunks<V>(s.N, s.L, bytes_per_pos);
   const i64 ldz = alias_free_ld<T>(ch.CH + TW + omax - omin);
   const i64 xrows = ch.CH + s.pad + (K - 1) * dil;  // the longest share plus the taps' span
   const i64 wgroup = dgrad_wgroup<V>(s);

@@ -219,12 +219,11 @@ void run_conv_unit(const ConvUnit<V>& u, i64 ja, i64 jb) {
 // then rounded) when scale is given. The forward reads w as [o][i][k] (so = nci*K, si = K); the
 // data gradient's transposed weights are w as [i][o][k] (so = K, si = rows*K). In parallel over
 // pieces of a block of MR rows o by IB inputs i, the blocks' pieces of IB inputs one after
-// another: a piece
-// reads IB inputs' runs of MR rows (IB read streams through w in either layout) and writes
-// ntaps runs of IB * MR values. (A block of rows o over every input at a time read the data
-// gradient's weights a run per input, rows*K apart, and took 11% of the backward at (16, 512,
-// 32) -> 512 k3, AVX-512, 2 threads; one thread in the order of a row o at a time took a third
-// of the forward at (1, 256, 256) -> 256 k3.)
+// another: a piece reads IB inputs' runs of MR rows (IB read streams through w in either
+// layout) and writes ntaps runs of IB * MR values. (A block of rows o over every input at a time
+// read the data gradient's weights a run per input, rows*K apart, and took 11% of the backward at
+// (16, 512, 32) -> 512 k3, AVX-512, 2 threads; one thread in the order of a row o at a time took a
+// third of the forward at (1, 256, 256) -> 256 k3.)
 template <class V>
 void pack_weights(typename V::T* wp, i64 G, i64 rows, i64 nci, int ntaps, const int* tapk,
                   const typename V::T* w, i64 sg, i64 so, i64 si, const double* scale = nullptr) {
@@ -260,8 +259,8 @@ FR_INLINE i64 static_first(i64 n, i64 nt, i64 t) { return t * (n / nt) + imin(t,
 // Output-position chunking shared by the convolution passes: a unit is (n, chunk of CH
 // positions), the threads take runs of units as schedule(static) splits them. CH: as many
 // positions as keep a unit's input (bytes_per_pos each) within 192 KiB, a multiple of the
-// tile. With few units for the threads (small batches), the chunks are made smaller, a
-// multiple of the vector width vec, for the split whose busiest thread has the least work,
+// tile (NR vectors). With few units for the threads (small batches), the chunks are made
+// smaller, a multiple of the vector width, for the split whose busiest thread has the least work,
 // counted in vectors of positions plus one per unit (its staging and pass over the weights);
 // the fewest units among equals. A whole tile per chunk left the threads uneven: at (1, 256,
 // 256) -> 256 k3, chunks of 48 gave one thread 144 positions and the other 112 (inference
@@ -269,7 +268,9 @@ FR_INLINE i64 static_first(i64 n, i64 nt, i64 t) { return t * (n / nt) + imin(t,
 struct Chunks {
   i64 CH, nch;
 };
-inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 vec, i64 bytes_per_pos) {
+template <class V>
+Chunks make_chunks(i64 N, i64 Lout, i64 bytes_per_pos) {
+  constexpr i64 vec = V::W, tile = V::NR * V::W;
   i64 CH = imax(tile, (192 * 1024 / imax(bytes_per_pos, 1)) / tile * tile);
   CH = imin(CH, rup(Lout, tile));
   const i64 nt = omp_get_max_threads();
@@ -278,8 +279,9 @@ inline Chunks make_chunks(i64 N, i64 Lout, i64 tile, i64 vec, i64 bytes_per_pos)
   Chunks best{CH, cdiv(Lout, CH)};
   i64 best_cost = -1;
   // at most 64 candidates (each costs a pass over the threads)
-  const i64 w0 = cdiv(Lout, CH), w1 = imin(nv, imax(w0, 8 * nt / N));
-  for (i64 want = w0; want <= w1; want += imax(1, (w1 - w0) / 64)) {
+  const i64 w0 = cdiv(Lout, CH), w1 = imin(nv, imax(w0, 8 * nt / N)),
+            step = imax(1, (w1 - w0) / 64);
+  for (i64 want = w0; want <= w1; want += step) {
     const i64 ch = rup(cdiv(Lout, want), vec), nch = cdiv(Lout, ch), n = N * nch;
     if (best_cost >= 0 && nch == best.nch) continue;
     const i64 full = ch / vec, last = nv - (nch - 1) * full;  // vectors of a chunk, of a row's last

@@ -75,7 +75,7 @@ void forward_train_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
   const i64 Lo = s.Lout();
   Buf<T> wp(packed_size_forward<V>(s));
   pack_forward<V>(s, w, wp.p);
-  const Chunks ch = make_chunks(s.N, Lo, V::NR * V::W, V::W, s.Cin * s.stride * i64(sizeof(T)));
+  const Chunks ch = make_chunks<V>(s.N, Lo, s.Cin * s.stride * i64(sizeof(T)));
   const i64 nunits = s.N * ch.nch;
   if (batch_stats) {
     Buf<double> st(nunits * s.Cout * 3);
@@ -158,8 +158,7 @@ void forward_infer_impl(const Conv1dShape& s, const T* x, const T* w, const T* b
     if (cached.l.store) pack_cache_store(in, nin, own.p, result_bytes);
   }
   const T* bf = wp + np;
-  const Chunks ch =
-      make_chunks(s.N, s.Lout(), V::NR * V::W, V::W, s.Cin * s.stride * i64(sizeof(T)));
+  const Chunks ch = make_chunks<V>(s.N, s.Lout(), s.Cin * s.stride * i64(sizeof(T)));
   if (relu)
     conv_forward_all<V, E_RELU>(s, x, wp, bf, y, nullptr, ch);
   else
